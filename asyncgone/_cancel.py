@@ -1,0 +1,110 @@
+"""Stop statements abandoned by cancellation, so they do not keep running and holding locks.
+
+When a task is cancelled while a statement runs (``asyncio.wait_for``, ``task.cancel()``,
+an anyio cancel scope, a client hanging up on an ASGI server), the driver closes its socket
+and SQLAlchemy discards the connection; the server, though, keeps executing the statement,
+with its locks, until it finishes and only then notices the client is gone. asyncgone sends
+``KILL QUERY <id>`` for that connection over a short-lived connection of its own, from a
+background task, bounded by ``connect_timeout`` plus ``ping_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from . import _drivers
+from ._errors import error_code
+from ._stats import Counters
+from ._waits import bounded, finish
+
+__all__ = ["StatementKiller", "drain"]
+
+log = logging.getLogger("asyncgone")
+
+_UNKNOWN_THREAD = 1094  # ER_NO_SUCH_THREAD
+
+_KILLERS: weakref.WeakKeyDictionary[Engine, StatementKiller] = weakref.WeakKeyDictionary()
+
+
+class StatementKiller:
+    """One engine's listener that sends KILL QUERY for statements a cancellation abandoned."""
+
+    def __init__(self, counters: Counters, *, connect_timeout: float, query_timeout: float):
+        self.counters = counters
+        self._connect_timeout = connect_timeout
+        self._query_timeout = query_timeout
+        self._params: dict[str, Any] | None = None
+        self._driver = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def install(self, engine: Engine) -> None:
+        self._driver = engine.dialect.driver
+        event.listen(engine, "do_connect", self.on_do_connect)
+        event.listen(engine, "handle_error", self.on_error)
+        _KILLERS[engine] = self
+
+    def on_do_connect(
+        self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        """Remember how to open a connection, for the KILL QUERY connection."""
+        self._params = {k: v for k, v in cparams.items() if k != "async_creator_fn"}
+
+    def on_error(self, ctx: ExceptionContext) -> None:
+        """On a cancellation during a statement, COMMIT or ROLLBACK, stop it on the server."""
+        if not isinstance(ctx.original_exception, asyncio.CancelledError):
+            return
+        if ctx.connection is None or ctx.connection.invalidated or self._params is None:
+            return
+        try:
+            thread = _drivers.thread_id(ctx.connection.connection.driver_connection)
+        except Exception:  # the connection is already gone: nothing is running on it
+            return
+        if thread is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._kill(thread))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _kill(self, thread: int) -> None:
+        assert self._params is not None
+        connect = _drivers.bounded_connector(self._driver, self._connect_timeout)
+        try:
+            conn = await connect(**self._params)
+            try:
+                await bounded(
+                    _drivers.execute(conn, f"KILL QUERY {int(thread)}"), self._query_timeout
+                )
+            finally:
+                await _drivers.close(conn, self._query_timeout)
+        except Exception as exc:
+            if error_code(exc) == _UNKNOWN_THREAD:
+                # The connection ended before the KILL arrived: nothing runs on it any more.
+                log.debug("connection %s was gone before KILL QUERY", thread)
+                return
+            # The statement runs on until it ends by itself; worth knowing, not fatal.
+            log.warning("could not stop the statement abandoned on connection %s: %s", thread, exc)
+            return
+        self.counters.kills += 1
+        log.debug("stopped the statement abandoned by cancellation on connection %s", thread)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for pending KILL QUERY tasks (bounded), e.g. before the engine is disposed."""
+        pending = set(self._tasks)
+        if pending:
+            await finish(asyncio.wait(pending), timeout, "waiting for KILL QUERY")
+
+
+async def drain(engine: AsyncEngine | Engine, timeout: float) -> None:
+    """Wait for the KILL QUERY tasks an engine has pending, at most ``timeout`` seconds."""
+    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    killer = _KILLERS.get(sync)
+    if killer is not None:
+        await killer.drain(timeout)

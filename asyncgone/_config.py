@@ -1,0 +1,194 @@
+"""asyncgone's options: frozen keyword-only dataclasses, named defaults, eager validation.
+
+Usage, one line per case::
+
+    EngineOptions()                                  # the defaults below
+    EngineOptions(recycle=600)                       # fixed idle limit instead of "auto"
+    EngineOptions(ping_after=0)                      # ping on every checkout (bounded)
+    EngineOptions(ping_after=None)                   # never ping; socket checks only
+    EngineOptions(tcp_keepalive=None)                # leave the kernel's TCP settings alone
+    EngineOptions(tcp_keepalive=TCPKeepalive(idle=60, interval=10, count=6, user_timeout=120))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from ._errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_MAX_LIFETIME",
+    "DEFAULT_NETWORK_IDLE_LIMIT",
+    "DEFAULT_PING_AFTER",
+    "DEFAULT_PING_TIMEOUT",
+    "DEFAULT_RECYCLE",
+    "DEFAULT_TCP_KEEPALIVE",
+    "EngineOptions",
+    "TCPKeepalive",
+]
+
+#: Replace a pooled connection idle for nearly the server's ``wait_timeout`` (read per
+#: connection) before the server closes it. A number sets a fixed idle limit in seconds.
+DEFAULT_RECYCLE: Literal["auto"] = "auto"
+
+#: Retire a connection this many seconds after it was opened, minus up to 25 % random
+#: jitter so that connections opened together do not all reconnect together (HikariCP's
+#: maxLifetime, whose default is also 30 minutes).
+DEFAULT_MAX_LIFETIME = 1800.0
+
+#: Ping a connection at checkout only when it sat idle in the pool this long. A connection
+#: used within the last 30 s proved the network path recently; the socket check catches a
+#: server-side close at any age for free; what is left (a load balancer or NAT that silently
+#: forgot the flow) needs minutes of idleness (AWS NLB 350 s, Azure LB 4 min).
+DEFAULT_PING_AFTER = 30.0
+
+#: Bound on every round trip asyncgone makes itself (pings, the server-facts query). A
+#: timeout counts as a dead connection.
+DEFAULT_PING_TIMEOUT = 3.0
+
+#: Bound on opening a connection, so an unreachable host fails in seconds.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+#: Pause on a flow after which load balancers, NAT gateways and firewalls may forget it
+#: silently: Azure's load balancer after 4 minutes, AWS NLB after 350 s, GCP after 10
+#: minutes. The keepalive's automatic interval stays well below it.
+DEFAULT_NETWORK_IDLE_LIMIT = 240.0
+
+#: The keepalive pings a connection idle for half the shorter of its server idle limit and
+#: ``network_idle_limit``.
+DEFAULT_KEEPALIVE_INTERVAL: Literal["auto"] = "auto"
+
+
+def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not allow_zero):
+        floor = "zero or more" if allow_zero else "more than zero"
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds {floor}, got {value!r}"
+        )
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TCPKeepalive:
+    """Kernel-level dead-peer detection for each connection's socket (Linux names; skipped
+    where the platform lacks an option, and for unix sockets).
+
+    The defaults notice a silently dropped network path within about 30 seconds, idle or
+    mid-query, and never cut a long query on a live server: its kernel answers the probes.
+
+    - ``idle``: seconds of silence before the first probe (``TCP_KEEPIDLE``).
+    - ``interval``: seconds between probes (``TCP_KEEPINTVL``).
+    - ``count``: unanswered probes before the connection is dropped (``TCP_KEEPCNT``).
+    - ``user_timeout``: seconds sent data may stay unacknowledged (``TCP_USER_TIMEOUT``);
+      ``0`` leaves the kernel default (about 15 minutes of retransmissions).
+    """
+
+    idle: int = 15
+    interval: int = 5
+    count: int = 3
+    user_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "interval", "count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"TCPKeepalive.{name} must be a whole number of at least 1 (the kernel "
+                    f"counts whole seconds and probes), got {value!r}"
+                )
+        _seconds("TCPKeepalive.user_timeout", self.user_timeout, allow_zero=True)
+
+
+#: Probes after 15 s of silence, every 5 s, 3 of them; unacknowledged data for 30 s drops it.
+DEFAULT_TCP_KEEPALIVE = TCPKeepalive()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """asyncgone's own keywords to ``create_engine()``; everything else goes to SQLAlchemy.
+
+    - ``recycle``: ``"auto"`` (idle limit just below this connection's ``wait_timeout``), a
+      number of seconds, or ``None`` to rely on the socket check alone.
+    - ``max_lifetime``: seconds a connection lives at most (with jitter), or ``None``.
+    - ``ping_after``: idle seconds after which checkout pings; ``0`` pings every checkout,
+      ``None`` never pings.
+    - ``ping_timeout``: bound on each ping and on the server-facts query.
+    - ``connect_timeout``: bound on opening a connection (unless the URL or ``connect_args``
+      set ``connect_timeout`` themselves).
+    - ``tcp_keepalive``: ``TCPKeepalive`` settings, or ``None`` to keep the kernel's.
+    - ``kill_on_cancel``: when a cancellation abandons a running statement, stop it on the
+      server with ``KILL QUERY`` so it does not run on holding its locks.
+    - ``keepalive_interval``: idle seconds after which the keepalive (``keepalive()``,
+      ``Database(keepalive=True)``) pings a connection; ``"auto"`` derives it.
+    - ``network_idle_limit``: seconds of silence after which the network between client and
+      server may forget a connection (load balancer, NAT); the keepalive stays below it.
+    - ``min_idle``: connections the keepalive keeps open while the engine is idle.
+    - ``leak_threshold``: seconds a connection may stay checked out before asyncgone logs a
+      warning with the stack that acquired it (``None``, the default, turns this off: it
+      costs a stack capture per checkout).
+    """
+
+    recycle: float | Literal["auto"] | None = DEFAULT_RECYCLE
+    max_lifetime: float | None = DEFAULT_MAX_LIFETIME
+    ping_after: float | None = DEFAULT_PING_AFTER
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    tcp_keepalive: TCPKeepalive | None = DEFAULT_TCP_KEEPALIVE
+    kill_on_cancel: bool = True
+    keepalive_interval: float | Literal["auto"] = DEFAULT_KEEPALIVE_INTERVAL
+    network_idle_limit: float = DEFAULT_NETWORK_IDLE_LIMIT
+    min_idle: int = 0
+    leak_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        recycle: object = self.recycle
+        if recycle != "auto" and recycle is not None:
+            if isinstance(recycle, str):
+                raise ConfigurationError(
+                    f"recycle must be 'auto', a number of seconds or None, got {recycle!r}"
+                )
+            _seconds("recycle", recycle)
+        if self.max_lifetime is not None:
+            _seconds("max_lifetime", self.max_lifetime)
+        if self.ping_after is not None:
+            _seconds("ping_after", self.ping_after, allow_zero=True)
+        _seconds("ping_timeout", self.ping_timeout)
+        _seconds("connect_timeout", self.connect_timeout)
+        interval: object = self.keepalive_interval
+        if interval != "auto":
+            if isinstance(interval, str):
+                raise ConfigurationError(
+                    f"keepalive_interval must be 'auto' or a number of seconds, got {interval!r}"
+                )
+            _seconds("keepalive_interval", interval)
+        _seconds("network_idle_limit", self.network_idle_limit)
+        if (
+            isinstance(self.min_idle, bool)
+            or not isinstance(self.min_idle, int)
+            or self.min_idle < 0
+        ):
+            raise ConfigurationError(
+                f"min_idle must be a whole number of 0 or more, got {self.min_idle!r}"
+            )
+        if self.leak_threshold is not None:
+            _seconds("leak_threshold", self.leak_threshold)
+        if not isinstance(self.kill_on_cancel, bool):
+            raise ConfigurationError(
+                f"kill_on_cancel must be True or False, got {self.kill_on_cancel!r}"
+            )
+        if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
+            raise ConfigurationError(
+                f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "
+                f"got {self.tcp_keepalive!r}"
+            )
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        """Return the keyword names these options accept."""
+        return frozenset(field.name for field in dataclasses.fields(cls))

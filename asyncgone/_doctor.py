@@ -1,0 +1,187 @@
+"""``asyncgone doctor``: what a server's settings mean for pooled connections, and advice."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from . import _drivers
+from ._config import DEFAULT_MAX_LIFETIME, DEFAULT_NETWORK_IDLE_LIMIT, DEFAULT_PING_AFTER
+from ._engine import create_engine
+from ._server import auto_idle_limit
+from ._url import mask
+from ._waits import bounded
+
+__all__ = ["Report", "examine"]
+
+_VARIABLES = (
+    ("version", "VERSION()"),
+    ("version_comment", "@@version_comment"),
+    ("wait_timeout_global", "@@global.wait_timeout"),
+    ("wait_timeout_session", "@@session.wait_timeout"),
+    ("interactive_timeout_global", "@@global.interactive_timeout"),
+    ("net_read_timeout", "@@net_read_timeout"),
+    ("net_write_timeout", "@@net_write_timeout"),
+    ("max_allowed_packet", "@@max_allowed_packet"),
+    ("max_connections", "@@max_connections"),
+    ("read_only", "@@global.read_only"),
+)
+_PINGS = 5
+_SLEEPERS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Everything ``doctor`` found out, ready for text or JSON."""
+
+    target: str
+    server: dict[str, Any]
+    round_trip_ms: float
+    threads_connected: int
+    sleeping: list[dict[str, Any]]
+    derived: dict[str, float]
+    advice: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+async def examine(url: str | URL, timeout: float) -> Report:
+    """Connect once, read the server's limits, time a few pings, and advise."""
+    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await bounded(
+                    conn.execute(text("SELECT " + ", ".join(expr for _, expr in _VARIABLES))),
+                    timeout,
+                )
+            ).one()
+            server = {name: _plain(value) for (name, _), value in zip(_VARIABLES, row, strict=True)}
+            raw = (await conn.get_raw_connection()).driver_connection
+            rtts = []
+            for _ in range(_PINGS):
+                started = time.perf_counter()
+                await bounded(_drivers.ping(raw), timeout)
+                rtts.append((time.perf_counter() - started) * 1000)
+            threads = await bounded(
+                conn.execute(text("SHOW GLOBAL STATUS LIKE 'Threads_connected'")), timeout
+            )
+            threads_connected = int(threads.one()[1])
+            sleepers = await bounded(
+                conn.execute(
+                    text(
+                        "SELECT ID, USER, HOST, DB, TIME FROM information_schema.PROCESSLIST "
+                        "WHERE COMMAND = 'Sleep' AND ID <> CONNECTION_ID() "
+                        "ORDER BY TIME DESC LIMIT :n"
+                    ),
+                    {"n": _SLEEPERS},
+                ),
+                timeout,
+            )
+            sleeping = [
+                {"id": r.ID, "user": r.USER, "host": r.HOST, "db": r.DB, "idle_s": int(r.TIME)}
+                for r in sleepers
+            ]
+    finally:
+        await engine.dispose()
+    wait_timeout = float(server["wait_timeout_session"])
+    idle_limit = auto_idle_limit(wait_timeout)
+    derived = {
+        "idle_limit_s": round(idle_limit, 1),
+        "keepalive_interval_s": round(min(idle_limit, DEFAULT_NETWORK_IDLE_LIMIT) / 2, 1),
+        "ping_after_s": DEFAULT_PING_AFTER,
+        "max_lifetime_s": DEFAULT_MAX_LIFETIME,
+    }
+    round_trip = statistics.median(rtts)
+    return Report(
+        target=mask(url),
+        server=server,
+        round_trip_ms=round(round_trip, 3),
+        threads_connected=threads_connected,
+        sleeping=sleeping,
+        derived=derived,
+        advice=_advise(server, derived, round_trip, threads_connected, sleeping),
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if hasattr(value, "is_integer"):  # Decimal and float from the server: whole when whole
+        return int(value) if float(value).is_integer() else float(value)
+    return value
+
+
+def _advise(
+    server: dict[str, Any],
+    derived: dict[str, float],
+    round_trip_ms: float,
+    threads_connected: int,
+    sleeping: list[dict[str, Any]],
+) -> list[str]:
+    advice = []
+    wait = int(server["wait_timeout_session"])
+    if int(server["wait_timeout_global"]) != wait:
+        advice.append(
+            f"This client gets wait_timeout={wait} s while the global value is "
+            f"{server['wait_timeout_global']} s (interactive clients get interactive_timeout, "
+            f"and init commands may change it). asyncgone reads each connection's own value."
+        )
+    if wait < 60:
+        advice.append(
+            f"wait_timeout is short ({wait} s): the server closes pooled connections after "
+            f"{wait} s of silence. asyncgone retires them after {derived['idle_limit_s']:g} s "
+            f"idle; keep the keepalive running (Database does by default) so that a burst after "
+            f"a pause does not pay a reconnect per connection, or raise wait_timeout."
+        )
+    if wait > DEFAULT_NETWORK_IDLE_LIMIT:
+        advice.append(
+            f"Connections may sit idle for up to {wait} s, longer than many load balancers and "
+            f"NAT gateways keep a silent flow (4 to 10 minutes). If one sits between the "
+            f"application and the server, run the keepalive (interval "
+            f"{derived['keepalive_interval_s']:g} s) and keep TCP keepalive on (the default)."
+        )
+    stale = [s for s in sleeping if s["idle_s"] > 0.9 * wait]
+    if stale:
+        advice.append(
+            f"{len(stale)} connection(s) have been idle for over 90 % of wait_timeout: some "
+            f"client pools connections longer than the server keeps them, and its next use of "
+            f"them will fail with 2006/2013. asyncgone's recycle='auto' prevents that."
+        )
+    packet = int(server["max_allowed_packet"])
+    if packet < 16 * 1024 * 1024:
+        advice.append(
+            f"max_allowed_packet is {packet} bytes: a statement larger than that fails with "
+            f"1153 and closes its connection."
+        )
+    if int(server["net_write_timeout"]) < 30 or int(server["net_read_timeout"]) < 30:
+        advice.append(
+            f"net_read_timeout={server['net_read_timeout']} s / net_write_timeout="
+            f"{server['net_write_timeout']} s: a client that pauses while streaming a result "
+            f"(or sending a large statement) that long loses its connection with 2013."
+        )
+    if round_trip_ms > 5:
+        advice.append(
+            f"A round trip takes {round_trip_ms:.1f} ms: every avoidable one (pool_pre_ping "
+            f"pings each checkout) costs that much per request; asyncgone's checks cost none."
+        )
+    if str(server["read_only"]) in ("1", "ON"):
+        advice.append(
+            "The server is read-only (a replica, or a primary demoted in a failover): writes "
+            "fail with 1290/1836, on which asyncgone invalidates the whole pool."
+        )
+    if threads_connected > 0.8 * int(server["max_connections"]):
+        advice.append(
+            f"{threads_connected} of max_connections={server['max_connections']} are in use: "
+            f"new connections will soon fail with 1040. Check the pool sizes of every client."
+        )
+    if not advice:
+        advice.append("Nothing to change: asyncgone's defaults fit this server.")
+    return advice

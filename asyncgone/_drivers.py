@@ -1,0 +1,247 @@
+"""What asyncgone needs from a driver connection, for aiomysql and asyncmy alike.
+
+The drivers expose their stream state only through private attributes, so every such access
+lives here, behind small functions, and degrades to "unknown" when a driver version is
+shaped differently: asyncgone then falls back to a bounded ping instead of guessing.
+
+Two connection shapes exist:
+
+- asyncio streams (aiomysql, asyncmy < 0.2.11): ``_reader`` (a ``StreamReader``) and
+  ``_writer`` (a ``StreamWriter``);
+- a buffered protocol (asyncmy >= 0.2.11): ``_proto`` with ``eof``/``exc``/``length``/``pos``
+  and ``_transport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import select
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._waits import bounded
+
+__all__ = [
+    "abort",
+    "bounded_connector",
+    "close",
+    "execute",
+    "fetch_row",
+    "is_closed",
+    "is_tcp",
+    "last_usage",
+    "ping",
+    "thread_id",
+    "transaction_ended",
+    "transport_socket",
+]
+
+_SERVER_STATUS_IN_TRANS = 1
+_MISSING = object()
+
+# poll(2) rather than select(2), which fails on descriptors above 1023. Readable, hung up or
+# in error all mean the same for an idle connection: it cannot be handed out.
+_poll = getattr(select, "poll", None)
+_POLL_EVENTS = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
+
+
+def _transport(conn: Any) -> asyncio.BaseTransport | None:
+    transport = getattr(conn, "_transport", None)
+    if transport is not None:
+        return transport  # type: ignore[no-any-return]
+    writer = getattr(conn, "_writer", None)
+    return getattr(writer, "transport", None)
+
+
+def is_closed(conn: Any) -> bool:
+    """Tell, without a round trip, whether an idle connection can no longer be used.
+
+    True when the server closed it (FIN or RST), when unsolicited bytes arrived (e.g.
+    MySQL's 4031 idle-timeout error packet), or when the driver closed it itself. Both what
+    the event loop already read and what still waits in the kernel count: a loop kept busy
+    (or blocked) since the server hung up has not read the FIN yet. False when the
+    connection looks healthy or the driver's shape is unknown.
+    """
+    proto = getattr(conn, "_proto", None)
+    if proto is not None:
+        transport = getattr(conn, "_transport", None)
+        return bool(
+            transport is None
+            or transport.is_closing()
+            or proto.eof
+            or proto.exc is not None
+            or proto.length > proto.pos
+            or _readable(transport)
+        )
+    if hasattr(conn, "_proto"):  # buffered-protocol shape, closed by the driver
+        return True
+    if not hasattr(conn, "_reader"):
+        return False  # unknown shape: no passive check possible
+    reader, writer = conn._reader, getattr(conn, "_writer", None)
+    if reader is None or writer is None:
+        return True
+    return bool(
+        reader.at_eof()
+        or reader.exception() is not None
+        # aiomysql's reader records EOF even while unread data (an error packet) remains.
+        or getattr(reader, "eof_received", False)
+        or getattr(reader, "_buffer", None)
+        or writer.transport.is_closing()
+        or _readable(writer.transport)
+    )
+
+
+def _readable(transport: asyncio.BaseTransport) -> bool:
+    """Whether the kernel holds bytes or EOF for an idle connection's socket (one poll(2))."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _poll is None:
+        return False
+    try:
+        poller = _poll()
+        poller.register(sock.fileno(), _POLL_EVENTS)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # the socket is being torn down
+        return True
+
+
+def transaction_ended(conn: Any) -> bool:
+    """Tell whether the server's last reply says no transaction is open and nothing is pending.
+
+    Both drivers drop their result object when a command without a result set (COMMIT,
+    ROLLBACK, PING) starts, and record the status flags of the OK packet that answers it. So
+    "no result object" means the last exchange was such a command, and its IN_TRANS flag is
+    then current. Any statement afterwards, through SQLAlchemy or the raw driver, leaves a
+    result object behind; an unread or streaming result does too. False when unsure.
+    """
+    result = getattr(conn, "_result", _MISSING)
+    status = getattr(conn, "server_status", None)
+    if result is not None or not isinstance(status, int):
+        return False
+    return not status & _SERVER_STATUS_IN_TRANS
+
+
+def last_usage(conn: Any) -> float | None:
+    """Return when the driver last created a cursor, on ``time.monotonic()``'s clock."""
+    usage = getattr(conn, "last_usage", None)
+    loop = getattr(conn, "_loop", None)
+    if not isinstance(usage, float) or loop is None:
+        return None
+    # Both drivers stamp loop.time(); asyncio's and uvloop's clocks are monotonic, but not
+    # promised to share time.monotonic()'s origin, so convert through the current offset.
+    return usage - float(loop.time()) + time.monotonic()
+
+
+def transport_socket(conn: Any) -> Any:
+    """Return the connection's socket (or uvloop's socket-like object), or None."""
+    transport = _transport(conn)
+    if transport is None:
+        return None
+    return transport.get_extra_info("socket")
+
+
+def abort(conn: Any) -> None:
+    """Close the connection's socket at once, without a QUIT round trip or a write flush.
+
+    Used on connections already judged dead, so that SQLAlchemy's own close afterwards has
+    nothing to wait for on a network path that may not answer.
+    """
+    transport = _transport(conn)
+    if transport is not None and isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+    close = getattr(conn, "close", None)
+    if close is not None:
+        close()
+
+
+async def ping(conn: Any) -> None:
+    """Send COM_PING and wait for the answer, never reconnecting."""
+    await conn.ping(False)
+
+
+async def _cursor(conn: Any) -> Any:
+    cursor = conn.cursor()
+    if inspect.isawaitable(cursor):  # aiomysql: cursor() returns an awaitable
+        cursor = await cursor
+    return cursor
+
+
+async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
+    """Run one query on the raw driver connection and return its first row."""
+    cursor = await _cursor(conn)
+    try:
+        await cursor.execute(sql)
+        row = await cursor.fetchone()
+    finally:
+        await cursor.close()
+    return None if row is None else tuple(row)
+
+
+async def execute(conn: Any, sql: str) -> None:
+    """Run one statement that returns no rows on the raw driver connection."""
+    cursor = await _cursor(conn)
+    try:
+        await cursor.execute(sql)
+    finally:
+        await cursor.close()
+
+
+async def close(conn: Any, timeout: float) -> None:
+    """Close politely (COM_QUIT) within ``timeout``, else abort the socket; never fails."""
+    try:
+        await bounded(conn.ensure_closed(), timeout)
+    except asyncio.CancelledError:
+        abort(conn)
+        raise
+    except Exception:
+        abort(conn)
+
+
+def thread_id(conn: Any) -> int | None:
+    """Return the server's id for this connection (``CONNECTION_ID()``), or None."""
+    ids = getattr(conn, "server_thread_id", None)
+    return ids[0] if ids else None
+
+
+def is_tcp(sock: Any) -> bool:
+    """Tell whether a (pseudo)socket is TCP over IPv4/IPv6."""
+    return getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
+
+
+def bounded_connector(driver: str, timeout: float) -> Callable[..., Awaitable[Any]]:
+    """Return a ``connect(**kwargs)`` for ``driver`` that gives up after ``timeout`` seconds.
+
+    The drivers' own ``connect_timeout`` covers opening the TCP connection only: a server or
+    proxy that accepts the connection and never sends its greeting hangs them forever. This
+    bounds the whole handshake, closes the half-open socket on timeout or cancellation
+    (aiomysql leaves it open), and raises the driver's error 2003, as a refused connection
+    would.
+    """
+    if driver == "aiomysql":
+        from aiomysql import Connection
+        from pymysql.err import OperationalError
+    else:
+        from asyncmy.connection import Connection
+        from asyncmy.errors import OperationalError
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        conn = Connection(*args, **kwargs)
+        opening = conn._connect() if driver == "aiomysql" else conn.connect()
+        try:
+            await bounded(opening, timeout)
+        except TimeoutError:
+            conn.close()
+            host = kwargs.get("host") or kwargs.get("unix_socket") or "localhost"
+            raise OperationalError(
+                2003,
+                f"Can't connect to MySQL server on {host!r}: no server greeting within "
+                f"{timeout:g} s (connect_timeout)",
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    return connect

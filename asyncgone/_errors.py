@@ -1,0 +1,229 @@
+"""asyncgone's exceptions and the disconnect classification used everywhere.
+
+Exception tree::
+
+    AsyncGoneError                      root of everything asyncgone raises itself
+    ├── ConfigurationError (ValueError) a bad URL, driver or option: fix the call
+    ├── CommitOutcomeUnknown            the connection was lost while COMMIT was in flight:
+    │                                   it may or may not have been applied; never replayed
+    └── DatabaseUnavailable             no working connection could be had within a deadline
+
+    ConfigurationWarning (UserWarning)  a setting that works against the server's limits
+
+Errors that come from the database (``sqlalchemy.exc.OperationalError`` and friends) are
+never replaced by asyncgone exceptions: they reach the caller as SQLAlchemy raised them.
+
+Classification answers two questions about an exception: is the connection it happened on
+gone (``is_disconnect``), and is that a fact about this one connection or about the whole
+server (``disconnect_scope``)? SQLAlchemy's own list misses several ways MySQL and MariaDB
+connections die; the additions are listed next to each constant below.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "DEFAULT_RETRY_CODES",
+    "AsyncGoneError",
+    "CommitOutcomeUnknown",
+    "ConfigurationError",
+    "ConfigurationWarning",
+    "DatabaseUnavailable",
+    "Scope",
+    "add_note",
+    "describe",
+    "disconnect_scope",
+    "error_code",
+    "is_aftermath",
+    "is_disconnect",
+    "is_unavailable",
+]
+
+#: Server errors after which a unit of work is rolled back and safe to run again: deadlock
+#: (1213) and lock wait timeout (1205). Disconnects before COMMIT are always replayable.
+DEFAULT_RETRY_CODES: frozenset[int] = frozenset({1205, 1213})
+
+
+class AsyncGoneError(Exception):
+    """Root of the exceptions asyncgone raises itself."""
+
+
+class ConfigurationError(AsyncGoneError, ValueError):
+    """A URL, driver or option given to asyncgone is unusable; the message says what to change."""
+
+
+class CommitOutcomeUnknown(AsyncGoneError):
+    """The connection was lost while COMMIT was in flight.
+
+    The server may have committed the transaction or not; nothing on the client can tell.
+    asyncgone never replays such a unit of work. The driver's error is the ``__cause__``.
+    Check the data (or make the work idempotent) before running it again.
+    """
+
+
+class DatabaseUnavailable(AsyncGoneError):
+    """No working connection could be had within the deadline.
+
+    The message names the target (password masked) and the last error, which is also the
+    ``__cause__``.
+    """
+
+
+class ConfigurationWarning(UserWarning):
+    """A setting works against the server's own limits (e.g. recycle above ``wait_timeout``)."""
+
+
+class Scope(enum.Enum):
+    """How far a disconnect reaches."""
+
+    CONNECTION = "connection"  # replace this connection only
+    SERVER = "server"  # every pooled connection is suspect: invalidate the pool
+
+
+# Client and server codes that mean "this connection is gone". SQLAlchemy knows 1927, 2006,
+# 2013, 2014, 2045, 2055 and 4031; 1153 is added because the server closes the connection
+# right after sending it (a statement above max_allowed_packet), so the rollback that follows
+# fails with a 2013 that would hide the real error. 1927 (ER_CONNECTION_KILLED) is what
+# MariaDB sends to a connection killed by KILL CONNECTION: one connection, not the server.
+_CONNECTION_CODES = frozenset({1153, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
+
+# Codes that speak for the whole server: it is shutting down (1053), or it was demoted to
+# read-only in a failover (1836; 1290 only with a read-only message, as 1290 also reports
+# --secure-file-priv and similar options). A restart without either code shows up as
+# several connections dying together, which the connection policy escalates as well.
+_SERVER_CODES = frozenset({1053, 1836})
+_READ_ONLY_OPTION = 1290
+
+# Driver messages for a connection that is closed or desynchronised. The first five are
+# SQLAlchemy's; the rest are asyncgone's additions, seen with aiomysql and asyncmy.
+_CONNECTION_MESSAGES = (
+    "(0, '')",
+    "already closed",
+    "connection was killed",
+    "not connected",
+    "network operation failed",
+    "cancelled during execution",  # the driver closed its socket when a read was cancelled
+    "packet sequence number wrong",  # an unsolicited packet (e.g. 4031) desynchronised it
+    "lost connection to mysql server",
+    "mysql server has gone away",
+)
+
+
+# Errors from using a connection the driver has already closed on its own side (after an
+# earlier failure or a cancellation): consequences of a loss already seen, not new evidence
+# that the server or the network failed.
+_AFTERMATH_MESSAGES = (
+    "cancelled during execution",
+    "not connected",
+    "already closed",
+    "network operation failed",  # asyncmy: an attribute of its closed stream is gone
+    "(0, '')",
+)
+
+
+def is_aftermath(exc: BaseException) -> bool:
+    """Tell whether ``exc`` comes from reusing a connection the driver had already closed."""
+    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    text = str(inner).lower()
+    return any(message in text for message in _AFTERMATH_MESSAGES)
+
+
+def error_code(exc: BaseException) -> int | None:
+    """Return the MySQL error code of a driver or SQLAlchemy exception, or None."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return args[0]
+    return None
+
+
+def disconnect_scope(exc: BaseException) -> Scope | None:
+    """Return how far a disconnect reaches, or None when ``exc`` is not a disconnect."""
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return Scope.SERVER if exc.invalidate_pool else Scope.CONNECTION
+    if isinstance(exc, sa_exc.DBAPIError):
+        inner = exc.orig
+        if inner is None:
+            return Scope.CONNECTION if exc.connection_invalidated else None
+        scope = disconnect_scope(inner)
+        if scope is None and exc.connection_invalidated:
+            return Scope.CONNECTION
+        return scope
+    if isinstance(exc, ConnectionError):  # reset, broken pipe, aborted: the socket is gone
+        return Scope.CONNECTION
+    if isinstance(exc, RuntimeError):
+        # uvloop raises this when a driver writes to a transport the peer already closed.
+        text = str(exc)
+        if "unable to perform operation on" in text and "closed" in text:
+            return Scope.CONNECTION
+        return None
+    code = error_code(exc)
+    if code is not None:
+        if code in _SERVER_CODES:
+            return Scope.SERVER
+        if code == _READ_ONLY_OPTION:
+            text = str(exc).lower()
+            return Scope.SERVER if "read-only" in text or "read_only" in text else None
+        if code in _CONNECTION_CODES:
+            return Scope.CONNECTION
+    text = str(exc).lower()
+    if any(message in text for message in _CONNECTION_MESSAGES):
+        return Scope.CONNECTION
+    return None
+
+
+# Errors opening a connection that a server coming back, a failover or a busy server clear
+# up by themselves: too many connections, shutdown in progress, can't connect, unknown host
+# (DNS during a failover), lost at handshake. Access denied or an unknown database are not.
+_UNAVAILABLE_CODES = frozenset({1040, 1053, 2002, 2003, 2005, 2006, 2013, 2055})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Tell whether ``exc`` means the database cannot be used right now but may be soon:
+    ``DatabaseUnavailable``, a disconnect, or a transient failure to connect."""
+    if isinstance(exc, (DatabaseUnavailable, OSError, TimeoutError)):
+        return True
+    return error_code(exc) in _UNAVAILABLE_CODES or is_disconnect(exc)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Tell whether ``exc`` means the database connection it happened on is gone.
+
+    Accepts driver exceptions (aiomysql, asyncmy), SQLAlchemy's wrappers and the plain
+    ``ConnectionError``/``RuntimeError`` the event loop raises for a dead socket::
+
+        try:
+            await session.execute(stmt)
+        except Exception as exc:
+            if asyncgone.is_disconnect(exc):
+                ...  # safe to retry on a new connection if nothing was committed
+
+    A deadlock (1213), a lock wait timeout (1205) or ``KILL QUERY`` (1317) leave the
+    connection usable and are not disconnects.
+    """
+    return disconnect_scope(exc) is not None
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` (``BaseException.add_note`` on 3.11+, ``__notes__`` before)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
+
+
+def describe(exc: BaseException) -> str:
+    """Describe an error in one line, unwrapping SQLAlchemy's wrapper.
+
+    Driver and server messages never contain the password, so this is safe to log.
+    """
+    inner = getattr(exc, "orig", None) or exc
+    return f"{type(inner).__name__}: {inner}"

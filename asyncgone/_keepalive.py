@@ -1,0 +1,206 @@
+"""The keepalive: a background task that keeps an idle pool's connections alive and warm.
+
+Every ``interval / 2`` seconds it borrows the pool's idle connections one at a time through
+the pool itself, so no connection is ever used twice at once, and the engine's checkout
+listener does the work with the keepalive's thresholds: a connection idle for ``interval``
+gets a bounded ping (which also resets the server's and any load balancer's idle timer), a
+dead one is replaced, one whose lifetime ends before the next round is replaced early. A
+request that arrives after hours of idleness finds live connections and pays no reconnect.
+
+User demand wins. The keepalive holds one connection at a time, only while another idle
+one stays available for users (the last idle one only while nothing at all is checked
+out), and never waits for the pool: with the pool exhausted it does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from types import TracebackType
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
+
+from ._checkout import KEEPALIVE, ConnectionPolicy, policy_for
+from ._errors import ConfigurationError, describe
+from ._waits import finish
+
+__all__ = ["Keepalive", "keepalive"]
+
+log = logging.getLogger("asyncgone")
+
+_STOP_TIMEOUT = 10.0  # bound on stopping: the round in progress finishes its pings first
+
+
+def _policy(engine: AsyncEngine) -> ConnectionPolicy:
+    policy = policy_for(engine.sync_engine) if isinstance(engine, AsyncEngine) else None
+    if policy is None:
+        raise ConfigurationError(
+            "asyncgone.keepalive() needs an engine made by asyncgone.create_engine(): it works "
+            "through the checks that create_engine() installs"
+        )
+    return policy
+
+
+class Keepalive:
+    """A running keepalive task for one engine; see ``keepalive()``."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        interval: float | str | None = None,
+        min_idle: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self._policy = _policy(engine)
+        self._counters = self._policy.counters
+        options = self._policy.options
+        self._interval = options.keepalive_interval if interval is None else interval
+        self._min_idle = options.min_idle if min_idle is None else min_idle
+        _check(self._interval, self._min_idle)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def interval(self) -> float:
+        """Idle seconds after which a pooled connection is pinged.
+
+        ``"auto"``: half of the shorter of the smallest idle limit of the pool's connections
+        (derived from their ``wait_timeout``) and ``network_idle_limit``.
+        """
+        if self._interval != "auto":
+            return float(self._interval)
+        limit = min(self._policy.smallest_idle_limit, self._policy.options.network_idle_limit)
+        return limit / 2
+
+    async def start(self) -> Keepalive:
+        """Start the background task; return self."""
+        if self._task is not None:
+            raise RuntimeError("this keepalive is already running")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="asyncgone-keepalive")
+        self._task.add_done_callback(_report_end)
+        return self
+
+    async def stop(self) -> None:
+        """Stop the task and wait for it (bounded); safe to call twice and under cancellation."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await finish(asyncio.wait({task}), _STOP_TIMEOUT, "stopping the keepalive")
+
+    async def __aenter__(self) -> Keepalive:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.interval / 2, 3600.0))
+            try:
+                await self.run_once()
+            except Exception as exc:  # a round failed; the next one may not
+                self._counters.keepalive_errors += 1
+                log.warning("keepalive round failed: %s", describe(exc))
+
+    async def run_once(self) -> int:
+        """Do one round now; return how many connections were visited."""
+        pool = self.engine.sync_engine.pool
+        if not isinstance(pool, QueuePool):
+            return 0  # NullPool keeps nothing; other pools are left alone
+        self._counters.keepalive_runs += 1
+        token = KEEPALIVE.set(self.interval)
+        try:
+            await self._warm_up(pool)
+            return await self._visit(pool)
+        finally:
+            KEEPALIVE.reset(token)
+
+    async def _visit(self, pool: QueuePool) -> int:
+        """Borrow idle connections one at a time: the checkout listener checks each."""
+        seen: set[int] = set()
+        for _ in range(pool.checkedin()):
+            if not _may_borrow(pool):
+                break  # users need what is left
+            async with self.engine.connect() as conn:
+                record = id((await conn.get_raw_connection()).info)
+            if record in seen:
+                break  # a LIFO pool hands the same connection back: the rest stay untouched
+            seen.add(record)
+            self._counters.keepalive_visits += 1
+        return len(seen)
+
+    async def _warm_up(self, pool: QueuePool) -> None:
+        """While the engine is idle, open connections up to ``min_idle``."""
+        missing = min(self._min_idle, pool.size()) - pool.checkedin()
+        if missing <= 0 or pool.checkedout() > 0:
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            # Held together, so that the pool opens new ones instead of reusing.
+            for _ in range(pool.checkedin() + missing):
+                await stack.enter_async_context(self.engine.connect())
+
+
+def _may_borrow(pool: QueuePool) -> bool:
+    """Whether the keepalive may hold one idle connection without a user waiting for it.
+
+    While users are active, one idle connection always stays theirs. While the engine is
+    entirely idle, the keepalive may hold the last one for the length of one ping; a request
+    arriving in that moment opens an overflow connection or waits for that ping.
+    """
+    idle = pool.checkedin()
+    return idle > 1 or (idle == 1 and pool.checkedout() == 0)
+
+
+def _check(interval: object, min_idle: object) -> None:
+    if interval != "auto" and (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or not 0 < interval < math.inf
+    ):
+        raise ConfigurationError(
+            f"keepalive interval must be 'auto' or a positive number of seconds, got {interval!r}"
+        )
+    if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
+        raise ConfigurationError(f"min_idle must be a whole number of 0 or more, got {min_idle!r}")
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """A keepalive never ends by itself: say so loudly if it does."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the keepalive task stopped: %r", task.exception())
+
+
+def keepalive(
+    engine: AsyncEngine, *, interval: float | str | None = None, min_idle: int | None = None
+) -> Keepalive:
+    """Keep an engine's idle pooled connections alive in the background while the block runs.
+
+    ::
+
+        async with asyncgone.keepalive(engine):               # interval from the options
+            ...
+        async with asyncgone.keepalive(engine, interval=60, min_idle=2):
+            ...
+
+    Parameters:
+        engine: an engine made by ``asyncgone.create_engine()``.
+        interval: idle seconds after which a connection is pinged; defaults to the engine's
+            ``keepalive_interval`` ("auto": half the shorter of the server's idle limit and
+            ``network_idle_limit``).
+        min_idle: idle connections to keep open while the engine is idle (default: the
+            engine's ``min_idle``, 0).
+
+    The task stops when the block exits, also on error or cancellation; it never keeps the
+    event loop alive, and a failed round is logged and counted, not fatal.
+    """
+    return Keepalive(engine, interval=interval, min_idle=min_idle)

@@ -1,0 +1,101 @@
+"""Database URLs: parsing with errors that say what to write, driver choice, password masking."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ._errors import ConfigurationError
+
+__all__ = ["DRIVERS", "ENV_VAR", "mask", "resolve_url"]
+
+#: The async MySQL drivers asyncgone supports, in the order a bare ``mysql://`` URL tries them.
+DRIVERS = ("asyncmy", "aiomysql")
+
+#: Environment variable read when no URL is given.
+ENV_VAR = "DATABASE_URL"
+
+_BACKENDS = ("mysql", "mariadb")
+_EXAMPLE = "mysql+asyncmy://user:password@host:3306/database"
+
+# Whatever looks like "name:secret@" in a string SQLAlchemy could not parse: masked before the
+# string is quoted in an error. Over-masking a malformed string is fine; leaking is not.
+_USERINFO = re.compile(r"([^\s:/@]+):[^@\s]*@")
+
+
+def mask(url: str | URL) -> str:
+    """Render a URL with its password replaced by ``***``, also when it does not parse."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        return _USERINFO.sub(r"\1:***@", url)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_url(url: str | URL | None) -> URL:
+    """Parse and check a MySQL/MariaDB URL, choosing an installed async driver if none is named.
+
+    ``None`` reads ``$DATABASE_URL``. Raises ``ConfigurationError`` with a message that says
+    what to change for a malformed URL, another database, a sync or unknown driver, or a
+    driver that is not installed.
+    """
+    if url is None:
+        env = os.environ.get(ENV_VAR)
+        if not env:
+            raise ConfigurationError(
+                f"no database URL given and ${ENV_VAR} is not set: pass a URL such as "
+                f"{_EXAMPLE!r} or set {ENV_VAR}"
+            )
+        url = env
+    if isinstance(url, str):
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigurationError(
+                f"could not parse database URL {mask(url)!r}; expected the form {_EXAMPLE!r}"
+            ) from exc
+    elif isinstance(url, URL):
+        parsed = url
+    else:
+        raise ConfigurationError(
+            f"database URL must be a string or sqlalchemy.engine.URL, not {type(url).__name__}"
+        )
+
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in _BACKENDS:
+        raise ConfigurationError(
+            f"asyncgone works with MySQL and MariaDB only, got a {backend!r} URL "
+            f"({mask(parsed)}); use a URL such as {_EXAMPLE!r}"
+        )
+    if not driver or driver in ("mysqldb", "pymysql", "mysqlconnector", "mariadbconnector"):
+        if driver:
+            hint = f"{driver!r} is a synchronous driver; "
+        else:
+            found = next((name for name in DRIVERS if _installed(name)), None)
+            if found is not None:
+                return parsed.set(drivername=f"{backend}+{found}")
+            hint = "no async MySQL driver is installed; "
+        raise ConfigurationError(
+            f"{hint}asyncgone needs aiomysql or asyncmy: write {backend}+asyncmy:// or "
+            f"{backend}+aiomysql:// and install it with pip install 'asyncgone[asyncmy]'"
+        )
+    if driver not in DRIVERS:
+        raise ConfigurationError(
+            f"unknown driver {driver!r} in {mask(parsed)}; asyncgone supports "
+            f"{' and '.join(DRIVERS)} ({backend}+asyncmy:// or {backend}+aiomysql://)"
+        )
+    if not _installed(driver):
+        raise ConfigurationError(
+            f"the URL asks for the {driver} driver, which is not installed: "
+            f"pip install 'asyncgone[{driver}]'"
+        )
+    return parsed

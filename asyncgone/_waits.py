@@ -1,0 +1,75 @@
+"""Bounded waits that never swallow a cancellation, and cleanup that survives one.
+
+``bounded()`` replaces ``asyncio.wait_for``: before Python 3.12, ``wait_for`` returns the
+result instead of raising when the caller is cancelled just as the awaited work completes,
+so the cancellation is lost and the caller runs on (observed: a unit of work cancelled by
+its own ``wait_for`` ran into a 50-second lock wait). anyio's ``fail_after`` has no such gap.
+
+``finish()`` runs cleanup to the end. ``asyncio.shield`` does not stop an anyio cancel scope
+from cancelling the waiter, and an anyio ``CancelScope(shield=True)`` does not stop a native
+``task.cancel()`` (observed with anyio 4: a second ``task.cancel()`` interrupts a shielded
+await). Cleanup therefore runs in a task of its own, bounded, and the caller waits for it
+inside a shielded scope, absorbing native cancellations until it is done and re-raising
+the first one afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import anyio
+
+__all__ = ["bounded", "defer_cancellation", "finish"]
+
+log = logging.getLogger("asyncgone")
+
+_T = TypeVar("_T")
+
+
+async def bounded(work: Awaitable[_T], seconds: float) -> _T:
+    """Await ``work`` for at most ``seconds``; raise ``TimeoutError`` (the builtin) after."""
+    with anyio.fail_after(seconds):
+        return await work
+
+
+async def finish(work: Awaitable[_T], bound: float, what: str) -> _T:
+    """Run ``work`` to completion, for at most ``bound`` seconds, even if the caller is being
+    cancelled.
+
+    Returns its result or raises its exception (``TimeoutError`` when it overran). A
+    cancellation that arrived meanwhile is re-raised once ``work`` is over, so the caller's
+    cancellation is delayed by at most ``bound`` seconds, never lost.
+    """
+    task = asyncio.ensure_future(bounded(work, bound))
+    interrupted: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        if not task.cancelled() and task.exception() is not None:
+            # The cancellation propagates; the failure is logged rather than lost.
+            log.debug("%s failed during cancellation: %r", what, task.exception())
+        raise interrupted
+    return task.result()
+
+
+def defer_cancellation(cancelled: BaseException) -> None:
+    """Re-arm a cancellation that was caught, so it is raised at the current task's next await.
+
+    For code that must return normally (a pool event inside SQLAlchemy) although a
+    cancellation reached it. The count of pending cancellations is left as it was, so
+    ``asyncio.timeout``, task groups and anyio's cancel scopes still recognise their own.
+    """
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - always called from within a task
+        raise cancelled
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None:
+        uncancel()
+    task.cancel(*cancelled.args[:1])

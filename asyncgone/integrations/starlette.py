@@ -1,0 +1,273 @@
+"""Starlette (and any ASGI application): lifespan, request-scoped sessions, 503s, readiness.
+
+::
+
+    from asyncgone.integrations.starlette import (
+        DatabaseMiddleware, get_session, lifespan, readiness,
+    )
+
+    db = asyncgone.Database("mysql+asyncmy://app:secret@db/app")
+
+    async def create_order(request):
+        session = get_session(request)              # this request's session
+        session.add(Order(...))
+        return JSONResponse({"ok": True}, status_code=201)  # committed before this is sent
+
+    app = Starlette(
+        routes=[Route("/orders", create_order, methods=["POST"]), Route("/ready", readiness(db))],
+        middleware=[Middleware(DatabaseMiddleware, db=db)],
+        lifespan=lifespan(db),
+    )
+
+``DatabaseMiddleware`` is pure ASGI (never ``BaseHTTPMiddleware``, which runs endpoints in a
+task group of its own). Per HTTP request it:
+
+- opens a session lazily, on the first ``get_session(request)``;
+- commits it as the response starts, so a client that sees 201 can read its write at once;
+  a failing commit turns into an error response instead, as nothing was sent yet;
+- rolls it back when the endpoint raises, or when the response is an error (status 400 or
+  more, e.g. from an ``HTTPException`` an exception handler turned into a response), like
+  pyramid_tm's commit veto;
+- answers 503 (``Retry-After``) when the database is unavailable (``DatabaseUnavailable``,
+  a disconnect, a failure to connect: see ``asyncgone.is_unavailable``) and the error
+  escaped the endpoint before its response started;
+- cancels the endpoint when the client disconnects mid-request, so its statement is stopped
+  (``KILL QUERY``) and its transaction rolled back, instead of running for nobody.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, is_unavailable
+
+if TYPE_CHECKING:
+    from asyncgone._session import SessionScope
+
+__all__ = [
+    "DatabaseMiddleware",
+    "RequestSession",
+    "get_session",
+    "is_unavailable",
+    "lifespan",
+    "readiness",
+    "unavailable_response",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATE_KEY = "asyncgone_session"
+
+#: Seconds a client is told to wait before retrying after a 503.
+RETRY_AFTER = 5
+
+
+def lifespan(db: Database, *, state_key: str = "db") -> Callable[[Any], Any]:
+    """Return a lifespan for ``Starlette(lifespan=...)``: ``db`` is started before the first
+    request, available as ``app.state.<state_key>``, and always closed at shutdown."""
+
+    @asynccontextmanager
+    async def _lifespan(app: Any) -> AsyncIterator[None]:
+        async with db:
+            setattr(app.state, state_key, db)
+            yield
+
+    return _lifespan
+
+
+def unavailable_response(exc: BaseException) -> Response:
+    """The default answer to an unavailable database: 503 with Retry-After, no details."""
+    return JSONResponse(
+        {"detail": "The database is unavailable; try again shortly."},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+class RequestSession:
+    """One request's session: opened on first use, committed or rolled back once."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._scope: SessionScope | None = None
+        self._finished = False
+
+    def get(self) -> AsyncSession:
+        if self._finished:
+            raise RuntimeError(
+                "this request's session was committed when the response started; use "
+                "`async with db.session()` for database work after that (e.g. while streaming)"
+            )
+        if self._scope is None:
+            self._scope = self._db.session()
+            return self._scope.open()
+        session = self._scope.session
+        assert session is not None
+        return session
+
+    async def commit(self) -> None:
+        """Commit and close, if the session was used; raises what committing raises."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._scope is not None:
+            await self._scope.__aexit__(None, None, None)
+
+    async def abort(self, exc: BaseException) -> None:
+        """Roll back and close, if the session was used; never raises in place of ``exc``."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._scope is not None:
+            await self._scope.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+def get_session(request: Request) -> AsyncSession:
+    """Return the request's ``AsyncSession`` (``DatabaseMiddleware`` must be installed)."""
+    request_session = request.scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(request_session, RequestSession):
+        raise RuntimeError(
+            "no asyncgone session for this request: add "
+            "Middleware(DatabaseMiddleware, db=db) to the application"
+        )
+    return request_session.get()
+
+
+class _ClientDisconnected(Exception):
+    """The client went away before the response was complete."""
+
+
+class _ErrorResponse(Exception):
+    """The application answered with an error status: its work is rolled back."""
+
+
+class DatabaseMiddleware:
+    """Pure ASGI middleware giving each HTTP request a session; see the module docstring.
+
+    Parameters:
+        app: the ASGI application to wrap.
+        db: the ``Database`` (started by the lifespan).
+        on_unavailable: builds the response for an unavailable database (default
+            ``unavailable_response``: 503 with ``Retry-After``).
+        cancel_on_disconnect: cancel the endpoint when the client disconnects mid-request.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        db: Database,
+        *,
+        on_unavailable: Callable[[BaseException], Response] = unavailable_response,
+        cancel_on_disconnect: bool = True,
+    ) -> None:
+        self.app = app
+        self.db = db
+        self.on_unavailable = on_unavailable
+        self.cancel_on_disconnect = cancel_on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_session = RequestSession(self.db)
+        scope.setdefault("state", {})[STATE_KEY] = request_session
+        progress = {"started": False, "done": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Committed before the status line leaves: a client that sees success can
+                # read its write at once, and a failed commit can still become an error.
+                if message["status"] >= 400:
+                    await request_session.abort(_ErrorResponse(message["status"]))
+                else:
+                    await request_session.commit()
+                progress["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                progress["done"] = True
+            await send(message)
+
+        try:
+            if self.cancel_on_disconnect:
+                disconnected = await self._run_until_disconnect(
+                    scope, receive, send_wrapper, progress
+                )
+            else:
+                await self.app(scope, receive, send_wrapper)
+                disconnected = False
+        except Exception as exc:
+            await request_session.abort(exc)
+            if progress["started"] or not is_unavailable(exc):
+                raise
+            await self.on_unavailable(exc)(scope, receive, send)
+            return
+        except BaseException as exc:  # cancelled from outside: clean up, keep cancelling
+            await request_session.abort(exc)
+            raise
+        if disconnected:
+            await request_session.abort(_ClientDisconnected())
+        else:
+            await request_session.commit()  # a response was never started: nothing to wait for
+
+    async def _run_until_disconnect(
+        self, scope: Scope, receive: Receive, send: Send, progress: dict[str, bool]
+    ) -> bool:
+        """Run the app, reading ``receive`` on its behalf; cancel it if the client leaves.
+
+        A pump owns the server's ``receive`` (two readers would race for its messages) and
+        forwards every message to the app; an ``http.disconnect`` before the response is
+        complete cancels the app. Returns whether that happened.
+        """
+        to_app, for_app = anyio.create_memory_object_stream[Message](math.inf)
+        gone = False
+
+        async def pump(cancel: anyio.CancelScope) -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                to_app.send_nowait(message)
+                if message["type"] == "http.disconnect":
+                    if not progress["done"]:
+                        gone = True
+                        cancel.cancel()
+                    return
+
+        error: Exception | None = None
+        async with to_app, for_app, anyio.create_task_group() as tg:
+            tg.start_soon(pump, tg.cancel_scope)
+            try:
+                await self.app(scope, for_app.receive, send)
+            except Exception as exc:
+                # Raised after the task group, not through it, so that the endpoint's error
+                # reaches the outer middleware as itself, not wrapped in an ExceptionGroup.
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()  # the response is done: stop reading
+        if error is not None:
+            raise error
+        return gone
+
+
+def readiness(
+    db: Database | None = None, *, timeout: float = DEFAULT_HEALTH_TIMEOUT
+) -> Callable[[Request], Awaitable[Response]]:
+    """Return an endpoint answering 200 when ``db`` serves a query within ``timeout``, else
+    503; the body is ``Health.as_dict()``. Without ``db``, it uses ``request.app.state.db``."""
+
+    async def ready(request: Request) -> Response:
+        database = db or request.app.state.db
+        report = await database.health(timeout=timeout)
+        return JSONResponse(report.as_dict(), status_code=200 if report.ok else 503)
+
+    return ready

@@ -1,0 +1,271 @@
+"""asyncgone's pytest plugin: fixtures for testing applications against dying connections.
+
+Registered through the ``pytest11`` entry point, so installing asyncgone enables it. Every
+fixture is prefixed ``asyncgone_``:
+
+- ``asyncgone_url``: the database under test (see "Configuration" below);
+- ``asyncgone_engine``: an engine for it, bound to the event loop the test runs in (any
+  pytest-asyncio loop scope, or anyio's plugin), disposed after the test;
+- ``asyncgone_engine_options``: keywords for those engines (``create_engine()``'s); override
+  it in a ``conftest.py`` to test with the options the application uses;
+- ``asyncgone_session``: an ``AsyncSession`` inside an outer transaction that is rolled back
+  after the test, even if the code under test commits (its commits become savepoints);
+- ``asyncgone_proxy``: a ``FaultProxy`` in front of the database (``asyncgone_proxy.url``);
+- ``asyncgone_proxy_engine``: an engine whose connections go through ``asyncgone_proxy``;
+- ``asyncgone_mariadb``: a disposable MariaDB server for tests that restart or reconfigure
+  one (started once per session, started again if a test left it stopped).
+
+Configuration of the URL, first one set wins: the ``asyncgone_url`` ini option, the
+``--asyncgone-url`` command-line option, the ``ASYNCGONE_URL`` environment variable, then
+``mysql://root@127.0.0.1:3306/test``. An unreachable database stops the run with one
+message naming it (password masked) and these three ways to change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from ._engine import create_engine
+from ._url import mask, resolve_url
+from .testing import FaultProxy, MariaDBServer
+
+__all__ = [
+    "asyncgone_engine",
+    "asyncgone_engine_options",
+    "asyncgone_mariadb",
+    "asyncgone_proxy",
+    "asyncgone_proxy_engine",
+    "asyncgone_session",
+    "asyncgone_url",
+]
+
+_T = TypeVar("_T")
+
+URL_INI = "asyncgone_url"
+URL_OPTION = "--asyncgone-url"
+URL_ENV = "ASYNCGONE_URL"
+DEFAULT_URL = "mysql://root@127.0.0.1:3306/test"
+_PROBE_TIMEOUT = 10.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("asyncgone", "asyncgone: testing against dying MySQL connections")
+    group.addoption(
+        URL_OPTION,
+        dest="asyncgone_url",
+        default=None,
+        help=f"database URL for asyncgone's fixtures (also: ini {URL_INI}, ${URL_ENV})",
+    )
+    parser.addini(URL_INI, "database URL for asyncgone's fixtures", default=None)
+
+
+def configured_url(config: pytest.Config) -> tuple[str, str]:
+    """Return the URL for the fixtures and where it came from."""
+    sources = (
+        ("the asyncgone_url ini option", config.getini(URL_INI)),
+        ("--asyncgone-url", config.getoption("asyncgone_url")),
+        (f"${URL_ENV}", os.environ.get(URL_ENV)),
+    )
+    for source, value in sources:
+        if value:
+            return str(value), source
+    return DEFAULT_URL, "the default"
+
+
+def _probe(url: str) -> None:
+    """Open and close one connection, on a private loop in a thread of its own (the tests'
+    loops may not exist yet, and must not see this connection)."""
+
+    async def probe() -> None:
+        engine = create_engine(url, connect_timeout=_PROBE_TIMEOUT)
+        try:
+            async with engine.connect():
+                pass
+        finally:
+            await engine.dispose()
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(probe())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="asyncgone-probe", daemon=True)
+    thread.start()
+    thread.join(_PROBE_TIMEOUT + 5)
+    if failure:
+        raise failure[0]
+
+
+@pytest.fixture(scope="session")
+def asyncgone_url(pytestconfig: pytest.Config) -> str:
+    """The database under test; the run stops with one clear message if it is unreachable."""
+    url, source = configured_url(pytestconfig)
+    try:
+        _probe(url)
+    except Exception as exc:
+        pytest.exit(
+            f"asyncgone: cannot reach the test database {mask(url)} (from {source}): "
+            f"{type(exc).__name__}: {exc}. Start it, or point the tests at another one with "
+            f"the {URL_INI} ini option, {URL_OPTION}=URL, or ${URL_ENV}.",
+            returncode=3,
+        )
+    return url
+
+
+class _TestLoop:
+    """Runs coroutines in the event loop the requesting test runs in, between its steps."""
+
+    def __init__(self, request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
+        if "anyio_backend" in request.fixturenames:
+            from anyio.pytest_plugin import extract_backend_and_options, get_runner
+
+            name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
+            runner = stack.enter_context(get_runner(name, options))
+            self._run: Callable[[Awaitable[Any]], Any] = lambda aw: runner.run_fixture(
+                _await, {"awaitable": aw}
+            )
+            return
+        marker = request.node.get_closest_marker("asyncio")
+        if marker is not None:
+            scope = (
+                marker.kwargs.get("loop_scope")
+                or marker.kwargs.get("scope")
+                or request.config.getini("asyncio_default_test_loop_scope")
+                or "function"
+            )
+            try:
+                pytest_asyncio_runner = request.getfixturevalue(f"_{scope}_scoped_runner")
+            except pytest.FixtureLookupError:
+                raise pytest.UsageError(
+                    "asyncgone's async fixtures need pytest-asyncio 1.0 or later (or anyio's "
+                    "pytest plugin)"
+                ) from None
+            self._run = lambda aw: pytest_asyncio_runner.run(_await(aw))
+            return
+        raise pytest.UsageError(
+            f"{request.fixturename} needs an async test: mark it with "
+            f"@pytest.mark.asyncio (pytest-asyncio) or @pytest.mark.anyio (anyio)"
+        )
+
+    def run(self, awaitable: Awaitable[_T]) -> _T:
+        result: _T = self._run(awaitable)
+        return result
+
+
+async def _await(awaitable: Awaitable[_T]) -> _T:
+    return await awaitable
+
+
+@contextlib.contextmanager
+def _engine_in_test_loop(
+    request: pytest.FixtureRequest, url: Any, options: dict[str, Any]
+) -> Iterator[AsyncEngine]:
+    with contextlib.ExitStack() as stack:
+        loop = _TestLoop(request, stack)
+        # Creating an engine binds it to no loop; its first connection is opened inside the
+        # test, in the test's loop, and disposal below runs in that same loop.
+        engine = create_engine(url, **options)
+        try:
+            yield engine
+        finally:
+            loop.run(engine.dispose())
+
+
+@pytest.fixture
+def asyncgone_engine_options() -> dict[str, Any]:
+    """Keywords for ``asyncgone_engine`` and ``asyncgone_proxy_engine``; override to change::
+
+    @pytest.fixture
+    def asyncgone_engine_options():
+        return {"pool_size": 2, "ping_after": 0.5, "ping_timeout": 1.0}
+    """
+    return {}
+
+
+@pytest.fixture
+def asyncgone_engine(
+    request: pytest.FixtureRequest, asyncgone_url: str, asyncgone_engine_options: dict[str, Any]
+) -> Iterator[AsyncEngine]:
+    """An ``AsyncEngine`` for the database under test, disposed after the test.
+
+    It lives in the event loop of the test using it, whatever its loop scope, so it never
+    meets "attached to a different loop".
+    """
+    with _engine_in_test_loop(request, asyncgone_url, asyncgone_engine_options) as engine:
+        yield engine
+
+
+@pytest.fixture
+def asyncgone_session(
+    request: pytest.FixtureRequest, asyncgone_engine: AsyncEngine
+) -> Iterator[AsyncSession]:
+    """An ``AsyncSession`` whose work is rolled back after the test, commits included.
+
+    The session joins an outer transaction with ``join_transaction_mode="create_savepoint"``:
+    ``session.commit()`` in the code under test releases a savepoint, and the outer
+    transaction is rolled back at teardown, so the test leaves no rows behind.
+    """
+    with contextlib.ExitStack() as stack:
+        loop = _TestLoop(request, stack)
+        conn = loop.run(asyncgone_engine.connect())
+        outer = loop.run(conn.begin())
+        session = AsyncSession(
+            bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            yield session
+        finally:
+            try:
+                loop.run(session.close())
+                if outer.is_active:
+                    loop.run(outer.rollback())
+            finally:
+                loop.run(conn.close())
+
+
+@pytest.fixture
+def asyncgone_proxy(asyncgone_url: str) -> Iterator[FaultProxy]:
+    """A ``FaultProxy`` in front of the database under test; ``asyncgone_proxy.url`` goes
+    through it."""
+    with FaultProxy.for_url(resolve_url(asyncgone_url)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def asyncgone_proxy_engine(
+    request: pytest.FixtureRequest,
+    asyncgone_proxy: FaultProxy,
+    asyncgone_engine_options: dict[str, Any],
+) -> Iterator[AsyncEngine]:
+    """An engine whose connections go through ``asyncgone_proxy``, disposed after the test."""
+    with _engine_in_test_loop(request, asyncgone_proxy.url, asyncgone_engine_options) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def _asyncgone_mariadb_server() -> Iterator[MariaDBServer]:
+    with MariaDBServer() as server:
+        yield server
+
+
+@pytest.fixture
+def asyncgone_mariadb(_asyncgone_mariadb_server: MariaDBServer) -> MariaDBServer:
+    """A disposable MariaDB for tests that restart, crash or reconfigure a server.
+
+    Shared by the session; a test that leaves it stopped finds it started again by the next
+    test. ``asyncgone_mariadb.url("asyncmy")`` gives a URL.
+    """
+    if not _asyncgone_mariadb_server.running:
+        _asyncgone_mariadb_server.start()
+    return _asyncgone_mariadb_server

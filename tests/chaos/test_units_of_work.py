@@ -1,0 +1,173 @@
+"""Issue scenarios 1-4 and 6: sessions and run() against killed connections, lost COMMITs,
+deadlocks and a server that goes away for a while."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.to_thread
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import asyncgone
+from asyncgone import CommitOutcomeUnknown, Database, DatabaseUnavailable
+from asyncgone.testing import FaultProxy, MariaDBServer
+from tests._support import Server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def table(url: str) -> AsyncIterator[str]:
+    """A fresh table for this test's rows, on the shared server."""
+    name = "ag_uow"
+    async with asyncgone.managed_session(url) as session:
+        await session.execute(text(f"DROP TABLE IF EXISTS {name}"))
+        await session.execute(text(f"CREATE TABLE {name} (id INT PRIMARY KEY, v INT)"))
+    yield name
+    async with asyncgone.managed_session(url) as session:
+        await session.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def rows(shared: Server, table: str) -> list[tuple[int, int]]:
+    return [(int(i), int(v)) for i, v in shared.query(f"SELECT id, v FROM {table} ORDER BY id")]
+
+
+async def test_kill_mid_transaction_raises_the_original_error(
+    url: str, shared: Server, table: str
+) -> None:
+    """Scenario 1: the caller sees the driver's OperationalError; nothing stays checked out."""
+    engine = asyncgone.create_engine(url)
+    try:
+        with pytest.raises(sa_exc.OperationalError) as info:
+            async with asyncgone.managed_session(engine) as session:
+                await session.execute(text(f"INSERT INTO {table} VALUES (1, 1)"))
+                thread = (await session.execute(text("SELECT CONNECTION_ID()"))).scalar_one()
+                await anyio.to_thread.run_sync(shared.kill, thread)
+                await session.execute(text(f"INSERT INTO {table} VALUES (2, 2)"))
+        assert asyncgone.is_disconnect(info.value)
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        async with asyncgone.managed_session(engine) as session:
+            await session.execute(text(f"INSERT INTO {table} VALUES (3, 3)"))
+        assert rows(shared, table) == [(3, 3)]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("moment", ["idle before COMMIT", "during a statement"])
+async def test_run_replays_work_killed_before_commit(
+    url: str, shared: Server, table: str, moment: str
+) -> None:
+    """Scenario 2: a unit killed before COMMIT was sent runs again and lands exactly once."""
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text(f"INSERT INTO {table} VALUES (1, :n)"), {"n": calls})
+        if calls == 1:
+            thread = (await session.execute(text("SELECT CONNECTION_ID()"))).scalar_one()
+            await anyio.to_thread.run_sync(shared.kill, thread)
+            if moment == "during a statement":
+                await session.execute(text("SELECT 1"))
+
+    async with Database(url) as db:
+        await db.run(work)
+        assert calls == 2
+        assert db.stats().replays == 1
+    assert rows(shared, table) == [(1, 2)]
+
+
+@pytest.mark.parametrize("deliver", [False, True], ids=["cut-before-server", "cut-after-server"])
+async def test_connection_lost_during_commit_is_never_replayed(
+    url: str, shared: Server, table: str, deliver: bool
+) -> None:
+    """Scenario 3: COMMIT in flight when the connection is cut: CommitOutcomeUnknown, one call,
+    and the database shows what really happened (committed only if the server got it)."""
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text(f"INSERT INTO {table} VALUES (7, 7)"))
+
+    with FaultProxy.for_url(url) as proxy:
+        async with Database(proxy.url) as db:
+            proxy.cut_on(b"COMMIT", deliver=deliver)
+            with pytest.raises(
+                CommitOutcomeUnknown, match="may or may not have been committed"
+            ) as info:
+                await db.run(work)
+            assert calls == 1
+            assert proxy.tripped == 1
+            assert asyncgone.is_disconnect(info.value.__cause__)  # type: ignore[arg-type]
+            assert db.stats().commit_outcome_unknown == 1
+            assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert rows(shared, table) == ([(7, 7)] if deliver else [])
+
+
+async def test_deadlocked_units_both_complete(url: str, shared: Server, table: str) -> None:
+    """Scenario 4: two units locking rows in opposite order; the deadlock victim is replayed."""
+    await anyio.to_thread.run_sync(shared.query, f"INSERT INTO {table} VALUES (1, 0), (2, 0)")
+    locked = {1: anyio.Event(), 2: anyio.Event()}
+
+    def unit(first: int, second: int):  # type: ignore[no-untyped-def]
+        async def work(session: AsyncSession) -> None:
+            await session.execute(text(f"UPDATE {table} SET v = v + 1 WHERE id = :i"), {"i": first})
+            locked[first].set()
+            await locked[second].wait()  # both hold one row: the next update deadlocks
+            await session.execute(
+                text(f"UPDATE {table} SET v = v + 1 WHERE id = :i"), {"i": second}
+            )
+
+        return work
+
+    async with Database(url, pool_size=2) as db:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(db.run, unit(1, 2))
+                tg.start_soon(db.run, unit(2, 1))
+        assert db.stats().replays >= 1
+    assert rows(shared, table) == [(1, 2), (2, 2)]
+
+
+async def test_run_waits_for_a_server_that_comes_back(
+    disposable_server: MariaDBServer, disposable: Server, driver: str
+) -> None:
+    """Scenario 6: the server is down for two seconds during run(); run() succeeds after."""
+    async with Database(disposable.url(driver), pool_size=2) as db:
+        await db.run(lambda s: s.execute(text("SELECT 1")))
+        await anyio.to_thread.run_sync(disposable_server.kill)
+
+        async def restart_later() -> None:
+            await anyio.sleep(2)
+            await anyio.to_thread.run_sync(disposable_server.start)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restart_later)
+            result = await db.run(lambda s: s.scalar(text("SELECT 5")), deadline=60)
+        assert result == 5
+
+
+async def test_run_gives_up_with_a_clear_message(
+    disposable_server: MariaDBServer, disposable: Server, driver: str
+) -> None:
+    """Scenario 6, short deadline: DatabaseUnavailable names the masked target and the error."""
+    disposable.query("CREATE USER IF NOT EXISTS 'runner'@'%' IDENTIFIED BY 'pw-secret'")
+    disposable.query("GRANT ALL ON test.* TO 'runner'@'%'")
+    url = f"mysql+{driver}://runner:pw-secret@{disposable.host}:{disposable.port}/test"
+    async with Database(url, pool_size=1) as db:
+        await anyio.to_thread.run_sync(disposable_server.kill)
+        try:
+            with anyio.fail_after(20), pytest.raises(DatabaseUnavailable) as info:
+                await db.run(lambda s: s.execute(text("SELECT 1")), deadline=1)
+        finally:
+            await anyio.to_thread.run_sync(disposable_server.start)
+    message = str(info.value)
+    assert f"runner:***@{disposable.host}:{disposable.port}/test" in message
+    assert "within 1 s" in message
+    assert "2003" in message
+    assert "pw-secret" not in message

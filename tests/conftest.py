@@ -1,0 +1,90 @@
+"""Fixtures shared by the whole suite: event loops, drivers, and the servers under test.
+
+Tests run against real MariaDB servers only:
+
+- the shared server (``$ASYNCGONE_TEST_URL``, default ``mysql://root@127.0.0.1:3306/test``),
+  which tests never restart or reconfigure globally;
+- one disposable server per test session (``asyncgone.testing.MariaDBServer``), for tests
+  that restart or crash a server or read its global status counters undisturbed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pymysql
+import pytest
+from sqlalchemy.engine import make_url
+
+from asyncgone._url import mask
+from asyncgone.testing import MariaDBServer
+
+from ._support import Server, calibrate
+
+URL_ENV = "ASYNCGONE_TEST_URL"
+DEFAULT_URL = "mysql://root@127.0.0.1:3306/test"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every async test runs on asyncio's default loop and on uvloop."""
+    return request.param
+
+
+@pytest.fixture(params=["aiomysql", "asyncmy"])
+def driver(request: pytest.FixtureRequest) -> str:
+    """Every database test runs with both drivers."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Server:
+    """The long-running test server; the session stops with one clear message if it is down."""
+    url = make_url(os.environ.get(URL_ENV, DEFAULT_URL))
+    server = Server(
+        host=url.host or "127.0.0.1",
+        port=url.port or 3306,
+        user=url.username or "root",
+        password=url.password or "",  # type: ignore[arg-type]
+        database=url.database or "test",
+    )
+    try:
+        server.query("SELECT 1")
+    except pymysql.MySQLError as exc:
+        pytest.exit(
+            f"the test database {mask(url)} is unreachable: {exc}. Start MariaDB "
+            f"(start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd) "
+            f"or point ${URL_ENV} at one.",
+            returncode=3,
+        )
+    return server
+
+
+@pytest.fixture
+def url(shared: Server, driver: str) -> str:
+    """A URL for the shared server with this test's driver."""
+    return shared.url(driver)
+
+
+@pytest.fixture(scope="session")
+def disposable_server() -> Iterator[MariaDBServer]:
+    """A private MariaDB for the session; tests that stop it must start it again."""
+    with MariaDBServer() as server:
+        yield server
+
+
+@pytest.fixture
+def disposable(disposable_server: MariaDBServer) -> Server:
+    """The disposable server, running, with admin helpers."""
+    if not disposable_server.running:
+        disposable_server.start()
+    server = Server(host=disposable_server.host, port=disposable_server.port)
+    calibrate(server)
+    return server

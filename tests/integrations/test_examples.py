@@ -1,0 +1,172 @@
+"""The example applications (Starlette, FastAPI, Quart) against real faults on MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+
+import asyncgone
+from asyncgone.testing import MariaDBServer
+from tests._support import Server, eventually, wait_until
+from tests.integrations._apps import APPS, in_process, make_app, served
+
+pytestmark = pytest.mark.anyio
+
+POOL = 5
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The frameworks run on asyncio; the event-loop variants are covered elsewhere."""
+    return "asyncio"
+
+
+@pytest.fixture(params=APPS)
+def app_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db(disposable: Server, driver: str) -> asyncgone.Database:
+    disposable.query("DROP TABLE IF EXISTS notes")
+    return asyncgone.Database(
+        disposable.url(driver), pool_size=POOL, max_overflow=0, pool_timeout=30
+    )
+
+
+def other_threads(server: Server) -> list[int]:
+    rows = server.query("SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()")
+    return [int(row[0]) for row in rows]
+
+
+def notes(server: Server) -> list[tuple[int, str]]:
+    return [(int(i), str(t)) for i, t in server.query("SELECT id, text FROM notes ORDER BY id")]
+
+
+async def test_requests_after_every_connection_was_killed(
+    app_name: str, db: asyncgone.Database, disposable: Server
+) -> None:
+    """Scenario 1: all server-side connections killed between requests; every request after
+    succeeds."""
+    async with in_process(make_app(app_name, db)) as client:
+        for n in range(POOL):
+            assert (await client.post("/notes", json={"text": f"n{n}"})).status_code == 201
+        threads = other_threads(disposable)
+        disposable.kill(*threads)
+        await wait_until(lambda: not set(threads) & set(other_threads(disposable)))
+        for n in range(1, 2 * POOL + 1):
+            response = await client.get(f"/notes/{(n - 1) % POOL + 1}")
+            assert response.status_code == 200, response.text
+        assert (await client.post("/notes", json={"text": "after"})).status_code == 201
+
+
+async def test_200_concurrent_requests_over_a_pool_of_5(
+    app_name: str, db: asyncgone.Database
+) -> None:
+    """Scenario 2: 200 requests at once on 5 connections: all served, nothing checked out."""
+    async with in_process(make_app(app_name, db)) as client:
+        responses = await asyncio.gather(
+            *(client.post("/notes", json={"text": f"c{n}"}) for n in range(200))
+        )
+        assert [r.status_code for r in responses] == [201] * 200
+        assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_write_is_committed_before_the_response(
+    app_name: str, db: asyncgone.Database, disposable: Server
+) -> None:
+    """Scenario 5: once the client has its 201, any other connection sees the row."""
+    async with in_process(make_app(app_name, db)) as client:
+        for n in range(5):
+            response = await client.post("/notes", json={"text": f"w{n}"})
+            assert response.status_code == 201
+            note_id = response.json()["id"]
+            assert (note_id, f"w{n}") in notes(disposable)
+            assert (await client.get(f"/notes/{note_id}")).json()["text"] == f"w{n}"
+
+
+async def test_handler_failing_after_a_write_commits_nothing(
+    app_name: str, db: asyncgone.Database, disposable: Server
+) -> None:
+    """Scenario 5: a batch whose second note is too long fails with 500; the first is not
+    committed either."""
+    async with in_process(make_app(app_name, db)) as client:
+        response = await client.post("/notes/batch", json=[{"text": "ok"}, {"text": "x" * 500}])
+        assert response.status_code == 500
+        assert notes(disposable) == []
+        assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_unavailable_database_answers_503_and_ready_follows(
+    app_name: str, db: asyncgone.Database, disposable_server: MariaDBServer, disposable: Server
+) -> None:
+    """While the server is down: 503 with Retry-After, and /ready says 503; after it comes
+    back, both recover."""
+    async with in_process(make_app(app_name, db)) as client:
+        assert (await client.post("/notes", json={"text": "before"})).status_code == 201
+        assert (await client.get("/ready")).json()["ok"] is True
+        await anyio.to_thread.run_sync(disposable_server.kill)
+        try:
+            response = await client.get("/notes/1")
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "5"
+            ready = await client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["ok"] is False
+        finally:
+            await anyio.to_thread.run_sync(disposable_server.start)
+        assert (await client.get("/notes/1")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+
+
+async def test_served_by_a_real_server(
+    app_name: str, db: asyncgone.Database, disposable: Server
+) -> None:
+    """Scenario 4: the example behind uvicorn (hypercorn for Quart) on loopback, through a
+    kill of every connection."""
+    app = make_app(app_name, db)
+    async with served(app_name, app) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.post("/notes", json={"text": "served"})).status_code == 201
+        disposable.kill(*other_threads(disposable))
+        await anyio.sleep(0.1)
+        assert (await client.get("/notes/1")).json() == {"id": 1, "text": "served"}
+
+
+async def test_client_disconnecting_mid_request(
+    app_name: str, db: asyncgone.Database, disposable: Server
+) -> None:
+    """Scenario 3: the client hangs up while its update waits for a row lock: the session is
+    rolled back, the connection returned, and the waiting statement stopped."""
+    app = make_app(app_name, db)
+    async with served(app_name, app) as base:
+        async with httpx.AsyncClient(base_url=base) as client:
+            note_id = (await client.post("/notes", json={"text": "original"})).json()["id"]
+        with disposable.admin() as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute(f"SELECT id FROM notes WHERE id = {note_id} FOR UPDATE")
+            host, port = base.removeprefix("http://").split(":")
+            _, writer = await asyncio.open_connection(host, int(port))
+            body = b'{"text": "abandoned"}'
+            writer.write(
+                f"PUT /notes/{note_id} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            await wait_until(lambda: waiting_updates(disposable) == 1)
+            writer.close()  # the client hangs up
+            await wait_until(lambda: waiting_updates(disposable) == 0)
+            blocker.execute("ROLLBACK")
+        await eventually(lambda: db.engine.sync_engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+        assert notes(disposable) == [(note_id, "original")]
+
+
+def waiting_updates(server: Server) -> int:
+    [(n,)] = server.query(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE notes%'"
+    )
+    return int(n)

@@ -1,0 +1,85 @@
+"""Option validation: every unusable value is refused at construction with a clear message."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import asyncgone
+from asyncgone import ConfigurationError, EngineOptions, TCPKeepalive
+
+
+def test_defaults_are_the_named_constants() -> None:
+    """An empty ``EngineOptions`` carries the documented ``DEFAULT_*`` values."""
+    options = EngineOptions()
+    assert options.recycle == asyncgone.DEFAULT_RECYCLE == "auto"
+    assert options.max_lifetime == asyncgone.DEFAULT_MAX_LIFETIME
+    assert options.ping_after == asyncgone.DEFAULT_PING_AFTER
+    assert options.ping_timeout == asyncgone.DEFAULT_PING_TIMEOUT
+    assert options.connect_timeout == asyncgone.DEFAULT_CONNECT_TIMEOUT
+    assert options.tcp_keepalive == asyncgone.DEFAULT_TCP_KEEPALIVE
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ping_timeout": -1}, "ping_timeout must be a finite number of seconds more than zero"),
+        ({"ping_timeout": 0}, "ping_timeout must be a finite number of seconds more than zero"),
+        ({"ping_timeout": "3"}, "ping_timeout must be a number of seconds, got '3'"),
+        ({"connect_timeout": math.inf}, "connect_timeout must be a finite number"),
+        ({"connect_timeout": math.nan}, "connect_timeout must be a finite number"),
+        ({"ping_after": -0.5}, "ping_after must be a finite number of seconds zero or more"),
+        ({"ping_after": True}, "ping_after must be a number of seconds, got True"),
+        ({"recycle": "sometimes"}, "recycle must be 'auto', a number of seconds or None"),
+        ({"recycle": -10}, "recycle must be a finite number of seconds more than zero"),
+        ({"max_lifetime": 0}, "max_lifetime must be a finite number of seconds more than zero"),
+        ({"tcp_keepalive": True}, "tcp_keepalive must be an asyncgone.TCPKeepalive or None"),
+    ],
+)
+def test_bad_option_values_are_refused(kwargs: dict[str, object], message: str) -> None:
+    """Each nonsensical option value raises ``ConfigurationError`` naming option and value."""
+    with pytest.raises(ConfigurationError, match="^" + message.replace("(", r"\(")):
+        EngineOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_options_are_refused_by_create_engine_before_connecting() -> None:
+    """``create_engine`` validates asyncgone's options eagerly, with no server involved."""
+    with pytest.raises(ConfigurationError, match="ping_timeout"):
+        asyncgone.create_engine("mysql+asyncmy://root@127.0.0.1:1/test", ping_timeout=-3)
+
+
+def test_configuration_error_is_a_value_error() -> None:
+    """Code that catches ``ValueError`` for bad arguments also catches asyncgone's."""
+    assert issubclass(ConfigurationError, ValueError)
+    assert issubclass(ConfigurationError, asyncgone.AsyncGoneError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"idle": 0}, "idle"),
+        ({"interval": 2.5}, "interval"),
+        ({"count": -1}, "count"),
+        ({"user_timeout": -1}, "user_timeout"),
+    ],
+)
+def test_bad_tcp_keepalive_values_are_refused(kwargs: dict[str, object], field: str) -> None:
+    """Kernel keepalive settings must be whole positive seconds/counts (timeout may be 0)."""
+    with pytest.raises(ConfigurationError, match=f"TCPKeepalive.{field}"):
+        TCPKeepalive(**kwargs)  # type: ignore[arg-type]
+
+
+def test_options_are_frozen_and_keyword_only() -> None:
+    """Options cannot be changed after validation, nor passed positionally."""
+    options = EngineOptions()
+    with pytest.raises(AttributeError):
+        options.ping_timeout = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        EngineOptions(1.0)  # type: ignore[misc]
+
+
+def test_connect_timeout_in_the_url_is_checked() -> None:
+    """A non-numeric ``connect_timeout`` in the URL is refused before any connection."""
+    with pytest.raises(ConfigurationError, match="connect_timeout in the URL"):
+        asyncgone.create_engine("mysql+asyncmy://root@127.0.0.1/test?connect_timeout=soon")

@@ -1,0 +1,100 @@
+"""Database: lifecycle, eager validation, and run() semantics on a healthy server."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import asyncgone
+from asyncgone import AsyncGoneError, ConfigurationError, Database, DatabaseUnavailable
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_start_probes_and_close_disposes(url: str) -> None:
+    """``async with db`` answers queries; afterwards the engine is gone for good."""
+    db = Database(url)
+    async with db:
+        engine = db.engine
+        assert await db.run(lambda s: s.scalar(text("SELECT 41 + 1"))) == 42
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with pytest.raises(AsyncGoneError, match="not started"):
+        db.engine  # noqa: B018
+    with pytest.raises(AsyncGoneError, match="cannot be reused"):
+        await db.start()
+
+
+async def test_unreachable_server_fails_fast(driver: str) -> None:
+    """Starting against a closed port raises DatabaseUnavailable naming the masked target."""
+    db = Database(f"mysql+{driver}://app:hunter2@127.0.0.1:1/test")
+    with pytest.raises(DatabaseUnavailable) as info:
+        async with db:
+            pass
+    message = str(info.value)
+    assert "app:***@127.0.0.1:1" in message
+    assert "hunter2" not in message
+    assert "2003" in message
+
+
+async def test_options_are_validated_at_construction() -> None:
+    """Bad URLs and options raise before any connection is attempted."""
+    with pytest.raises(ConfigurationError, match="unknown driver"):
+        Database("mysql+nope://h/db")
+    with pytest.raises(ConfigurationError, match="ping_timeout"):
+        Database("mysql+asyncmy://h/db", ping_timeout=0)
+    with pytest.raises(ConfigurationError, match="attempts"):
+        Database("mysql+asyncmy://h/db", attempts=0)
+    with pytest.raises(ConfigurationError, match="deadline"):
+        Database("mysql+asyncmy://h/db", run_deadline=-1)
+    with pytest.raises(ConfigurationError, match="retry_codes"):
+        Database("mysql+asyncmy://h/db", retry_codes="1213")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cleanup_timeout"):
+        Database("mysql+asyncmy://h/db", cleanup_timeout=0)
+
+
+async def test_run_raises_non_retryable_errors_at_once(url: str) -> None:
+    """A syntax error is not replayed: the work runs once and its error propagates."""
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text("SELEKT 1"))
+
+    async with Database(url) as db:
+        with pytest.raises(ProgrammingError):
+            await db.run(work)
+        assert calls == 1
+        assert db.stats().replays == 0
+
+
+async def test_run_commits_the_unit_of_work(url: str) -> None:
+    """run() commits what the work did and returns what it returned."""
+    async with Database(url) as db:
+        async with db.session() as session:
+            await session.execute(text("CREATE TABLE IF NOT EXISTS ag_run (id INT PRIMARY KEY)"))
+            await session.execute(text("DELETE FROM ag_run"))
+
+        async def insert(session: AsyncSession) -> str:
+            await session.execute(text("INSERT INTO ag_run VALUES (1)"))
+            return "done"
+
+        assert await db.run(insert) == "done"
+        with pytest.raises(IntegrityError):
+            await db.run(insert)  # duplicate key: not retryable, not replayed
+        assert await db.run(lambda s: s.scalar(text("SELECT COUNT(*) FROM ag_run"))) == 1
+
+
+async def test_repr_masks_the_password() -> None:
+    """The Database's repr shows where it points without the password."""
+    db = Database("mysql+asyncmy://app:hunter2@db.example/app")
+    assert repr(db) == "<Database mysql+asyncmy://app:***@db.example/app new>"
+    assert "hunter2" not in repr(db)
+
+
+def test_exception_tree() -> None:
+    """The new exceptions hang under AsyncGoneError as the module docstring draws."""
+    assert issubclass(asyncgone.CommitOutcomeUnknown, AsyncGoneError)
+    assert issubclass(asyncgone.DatabaseUnavailable, AsyncGoneError)
