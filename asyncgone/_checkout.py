@@ -56,7 +56,7 @@ from ._errors import (
 from ._server import auto_idle_limit, read_facts, recycle_warning
 from ._sockets import apply_tcp_keepalive
 from ._stats import Counters, Reason
-from ._waits import bounded, defer_cancellation, finish
+from ._waits import absorb_cancellation, bounded, finish
 
 try:  # SQLAlchemy 2.1 renamed await_only() to await_()
     from sqlalchemy.util import await_ as _await
@@ -277,13 +277,14 @@ class ConnectionPolicy:
             record.invalidate()
             return
         self.counters.resets += 1
+        handling = sys.exc_info()[1]
         try:
             _await(finish(conn.rollback(), _RESET_TIMEOUT, "reset rollback"))
         except asyncio.CancelledError as cancelled:
             # The ROLLBACK finished (finish() saw to it) while a cancellation arrived. Let the
-            # pool take the clean connection back and deliver the cancellation at the next
-            # await: raised from here, SQLAlchemy before 2.0.56 would strand the connection.
-            defer_cancellation(cancelled)
+            # pool take the clean connection back and deliver the cancellation later: raised
+            # from here, SQLAlchemy before 2.0.56 would strand the connection.
+            absorb_cancellation(cancelled, handling)
         state.last_activity = time.monotonic()
 
     def on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

@@ -12,6 +12,7 @@ from ._checkout import _OURS, ConnectionPolicy
 from ._config import EngineOptions
 from ._errors import ConfigurationError
 from ._stats import Counters, register
+from ._terminate import guard_terminate, needs_guard
 from ._url import resolve_url
 
 __all__ = ["create_engine", "split_options"]
@@ -91,6 +92,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         reset_on_return=reset_on_return,
     )
     policy.install(engine.sync_engine)
+    if needs_guard():
+        guard_terminate(engine.sync_engine.dialect)
     if options.kill_on_cancel:
         killer = StatementKiller(
             counters, connect_timeout=connect_timeout, query_timeout=options.ping_timeout

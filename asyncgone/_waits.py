@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import anyio
 
-__all__ = ["bounded", "defer_cancellation", "finish"]
+__all__ = ["absorb_cancellation", "bounded", "finish"]
 
 log = logging.getLogger("asyncgone")
 
@@ -59,13 +59,41 @@ async def finish(work: Awaitable[_T], bound: float, what: str) -> _T:
     return task.result()
 
 
-def defer_cancellation(cancelled: BaseException) -> None:
-    """Re-arm a cancellation that was caught, so it is raised at the current task's next await.
+# anyio's asyncio backend cancels a task with this message (anyio 4), and delivers it again
+# at every await inside the cancelled scope.
+_CANCEL_SCOPE_MESSAGE = "Cancelled via cancel scope "
 
-    For code that must return normally (a pool event inside SQLAlchemy) although a
-    cancellation reached it. The count of pending cancellations is left as it was, so
-    ``asyncio.timeout``, task groups and anyio's cancel scopes still recognise their own.
+
+def _from_cancel_scope(exc: BaseException) -> bool:
+    """Tell whether a cancellation came from an anyio cancel scope (checking re-raises too)."""
+    seen: BaseException | None = exc
+    while isinstance(seen, asyncio.CancelledError):
+        if seen.args and str(seen.args[0]).startswith(_CANCEL_SCOPE_MESSAGE):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def absorb_cancellation(cancelled: BaseException, handling: BaseException | None) -> None:
+    """Return normally from a cancellation that was caught, without losing it.
+
+    For code that must not raise although a cancellation reached it (SQLAlchemy's pool
+    aborts its bookkeeping half-way when one escapes an event or a terminate).
+    ``handling`` is the exception being handled when that code was called
+    (``sys.exc_info()[1]``), if any.
+
+    - an anyio cancel scope delivers its cancellation again at the next await inside it, and
+      none is owed once the scope is left: nothing to do;
+    - a cancellation already propagating (``handling``) carries this one with it;
+    - otherwise (a native ``task.cancel()``) it is re-armed for the task's next await,
+      leaving the count of pending cancellations as it was, so ``asyncio.timeout``, task
+      groups and anyio's scopes still recognise their own.
+
+    Re-arming an anyio cancellation instead would leave it pending past the end of its scope
+    when no await follows inside it: it would then cancel whatever the caller awaited next.
     """
+    if _from_cancel_scope(cancelled) or isinstance(handling, asyncio.CancelledError):
+        return
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - always called from within a task
         raise cancelled

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -138,17 +137,13 @@ def count_errors(engine: AsyncEngine) -> Iterator[list[BaseException]]:
 #: For control tests running plain SQLAlchemy into a fault. With uvloop, SQLAlchemy does not
 #: recognise the closed-transport RuntimeError and leaves that connection to the garbage
 #: collector; SQLAlchemy 2.0 does the same with a checkout cancelled during pre-ping. The
-#: collector then warns. That leak is part of what the control demonstrates; such tests call
-#: ``collect_garbage()`` at their end so the warning is theirs alone.
+#: collector then warns. That leak is part of what the control demonstrates; such tests do
+#: not fail on it (conftest collects garbage after every test, so the warning is theirs).
 plain_sqlalchemy_may_leak = pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnraisableExceptionWarning",
     "ignore::ResourceWarning",
     "ignore::sqlalchemy.exc.SAWarning",
 )
-
-
-def collect_garbage() -> None:
-    gc.collect()
 
 
 async def eventually(predicate: Callable[[], bool], limit: float = 10.0) -> None:

@@ -10,6 +10,7 @@ Tests run against real MariaDB servers only:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -27,14 +28,22 @@ URL_ENV = "ASYNCGONE_TEST_URL"
 DEFAULT_URL = "mysql://root@127.0.0.1:3306/test"
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
+LOOPS_ENV = "ASYNCGONE_TEST_LOOPS"
+LOOPS = {"asyncio": ("asyncio", {}), "uvloop": ("asyncio", {"use_uvloop": True})}
+
+
+def _loops() -> list[str]:
+    """The event loops to run on: all of them, or those ``$ASYNCGONE_TEST_LOOPS`` names."""
+    names = os.environ.get(LOOPS_ENV, ",".join(LOOPS)).replace(" ", "").split(",")
+    unknown = sorted(set(names) - set(LOOPS))
+    if unknown:
+        raise pytest.UsageError(f"${LOOPS_ENV}: unknown loop {unknown}; choose from {list(LOOPS)}")
+    return names
+
+
+@pytest.fixture(params=[pytest.param(LOOPS[name], id=name) for name in _loops()])
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    """Every async test runs on asyncio's default loop and on uvloop."""
+    """Every async test runs on asyncio's default loop and on uvloop (see ``_loops``)."""
     return request.param
 
 
@@ -88,3 +97,17 @@ def disposable(disposable_server: MariaDBServer) -> Server:
     server = Server(host=disposable_server.host, port=disposable_server.port)
     calibrate(server)
     return server
+
+
+@pytest.fixture(autouse=True)
+def _stranded_connections_fail_their_test(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Collect garbage after every test, so a connection the pool lost track of is reported
+    (SQLAlchemy warns when the collector finds it) by the test that lost it, not by
+    whichever test the collector happens to run in later."""
+    yield
+    # A logged traceback (SQLAlchemy logs failed terminates with exc_info) keeps the frames
+    # that hold the connection alive until pytest drops the test's records, after teardown.
+    # The call's report is already written: drop them now.
+    for when in ("setup", "call"):
+        caplog.get_records(when).clear()
+    gc.collect()

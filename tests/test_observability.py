@@ -116,7 +116,8 @@ async def test_health_reports_ok_and_failure_in_time(
 
 
 async def test_health_is_bounded_on_a_blackholed_path(url: str) -> None:
-    """A server that never answers makes health() return not ok within its timeout."""
+    """A server that never answers makes health() return not ok within its timeout, and the
+    connection it was checking goes back to the pool."""
     with FaultProxy.for_url(url) as proxy:
         async with asyncgone.Database(proxy.url, keepalive=False, ping_after=0) as db:
             proxy.blackhole(include_new=True)
@@ -125,6 +126,7 @@ async def test_health_is_bounded_on_a_blackholed_path(url: str) -> None:
             assert time.monotonic() - started < 1.0 + 2
             assert not report.ok
             assert report.error == "no answer within 1 s"
+            assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_prometheus_metrics(url: str) -> None:

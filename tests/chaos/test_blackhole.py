@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import asyncgone
 from asyncgone.testing import FaultProxy
 from tests._support import (
-    collect_garbage,
     connection_id,
     count_errors,
     plain_sqlalchemy_may_leak,
@@ -78,7 +78,6 @@ async def test_plain_pre_ping_hangs_on_a_blackholed_connection(url: str) -> None
             assert scope.cancelled_caught
         finally:
             await engine.dispose()
-            collect_garbage()
 
 
 async def test_connect_to_a_blackholed_server_fails_within_connect_timeout(url: str) -> None:
@@ -92,5 +91,31 @@ async def test_connect_to_a_blackholed_server_fails_within_connect_timeout(url: 
                 await connection_id(engine)
             assert time.monotonic() - started < 1 + 5
             assert "connect_timeout" in str(info.value)
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["statement", "checkout ping"])
+async def test_cancel_scope_expiring_on_a_blackholed_connection_strands_nothing(
+    url: str, where: str
+) -> None:
+    """An anyio deadline that expires on a blackholed connection (mid-statement, or in the
+    checkout ping) leaves nothing checked out: the pool discards the connection even though
+    the scope cancels the discard's graceful close too (SQLAlchemy < 2.0.55 did not)."""
+    with FaultProxy.for_url(url) as proxy:
+        engine = asyncgone.create_engine(
+            proxy.url, pool_size=1, ping_after=0 if where == "checkout ping" else 3600
+        )
+        try:
+            await warm(engine, 1)
+            proxy.blackhole(include_new=True)
+            with anyio.move_on_after(0.3) as scope:
+                await connection_id(engine)
+            assert scope.cancelled_caught
+            assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            await anyio.lowlevel.checkpoint()  # no cancellation is left pending past the scope
+            proxy.restore()
+            with anyio.fail_after(15):
+                await connection_id(engine)  # the pool works on
         finally:
             await engine.dispose()

@@ -174,7 +174,13 @@ async def test_cancellation_leaves_nothing_behind(
         proxy.set_latency(LATENCY)
     phase = Phase(engine, phase_name)
     offset = await measure(phase)
-    for _ in range(times):
+    runs = 0
+    # A timed wait_for can miss the phase on a noisy machine: go on (bounded) until one lands.
+    while runs < times or (phase.landed == 0 and runs < 5 * times):
+        runs += 1
+        if runs > times:  # the first measurement may have been off: measure again
+            phase.cancel = None
+            offset = await measure(phase)
         # A wait_for timeout lands somewhere in the phase: COMMIT and ROLLBACK last two
         # proxy latencies; a SLEEP(30) query lasts as long as it takes.
         delay = offset + random.uniform(0.2, 0.8) * 2 * LATENCY

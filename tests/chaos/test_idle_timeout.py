@@ -11,7 +11,6 @@ import asyncgone
 from asyncgone._server import auto_idle_limit
 from tests._support import (
     Server,
-    collect_garbage,
     connection_id,
     count_errors,
     plain_sqlalchemy_may_leak,
@@ -100,4 +99,3 @@ async def test_plain_sqlalchemy_fails_on_the_same_fault(url: str, shared: Server
         assert asyncgone.is_disconnect(info.value)
     finally:
         await engine.dispose()
-        collect_garbage()

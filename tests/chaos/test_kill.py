@@ -10,7 +10,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import asyncgone
 from tests._support import (
     Server,
-    collect_garbage,
     count_errors,
     plain_sqlalchemy_may_leak,
     wait_until,
@@ -72,4 +71,3 @@ async def test_plain_sqlalchemy_fails_after_a_kill(url: str, shared: Server) -> 
         assert asyncgone.is_disconnect(info.value)
     finally:
         await engine.dispose()
-        collect_garbage()
