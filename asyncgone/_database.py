@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 from sqlalchemy import text
@@ -25,13 +25,14 @@ from ._errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
     DatabaseUnavailable,
+    add_note,
     describe,
     error_code,
     is_disconnect,
     is_unavailable,
 )
 from ._keepalive import Keepalive
-from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
+from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope, commits
 from ._stats import Counters, Health, PoolStatus, Stats, counters_for, stats
 from ._url import mask, resolve_url
 from ._waits import finish
@@ -221,7 +222,10 @@ class Database:
                 ...
             await db.run(transfer, attempts=5)
 
-        ``work`` must do nothing outside the database that it cannot do twice.
+        ``work`` must do nothing outside the database that it cannot do twice, and should
+        leave the COMMIT to ``run()``: once ``work`` commits by itself, a later failure is
+        not replayed (that part would be applied twice), and a connection lost during its
+        own COMMIT raises ``CommitOutcomeUnknown``.
         """
         attempts = self._attempts if attempts is None else attempts
         deadline = self._run_deadline if deadline is None else deadline
@@ -231,15 +235,22 @@ class Database:
         failures = waits = 0
         while True:
             connected = False
+            work_commits = (0, 0)
             try:
                 async with self.session() as session:
                     await session.connection()  # a working connection, or an error here
                     connected = True
-                    return await work(session)
+                    try:
+                        return await work(session)
+                    finally:
+                        work_commits = commits(session)  # before the scope's own COMMIT
             except CommitOutcomeUnknown:
                 self._counters().commit_outcome_unknown += 1
                 raise
             except Exception as exc:
+                if work_commits != (0, 0):
+                    # work committed (part of) itself: replaying would apply that part twice.
+                    self._unreplayable(exc, work_commits)
                 now = time.monotonic()
                 if not connected:
                     if not is_unavailable(exc):
@@ -266,6 +277,24 @@ class Database:
                         attempts,
                     )
                 await anyio.sleep(min(delay, max(0.0, give_up_at - now)))
+
+    def _unreplayable(self, exc: Exception, work_commits: tuple[int, int]) -> NoReturn:
+        """Raise for a unit of work that failed after committing inside ``work``."""
+        begun, done = work_commits
+        if begun > done and is_disconnect(exc):
+            self._counters().commit_outcome_unknown += 1
+            raise CommitOutcomeUnknown(
+                f"the connection to {mask(self.url)} was lost while a COMMIT issued by the "
+                f"unit of work itself was in flight: it may or may not have been committed, "
+                f"and asyncgone will not replay it. Check the data before running this work "
+                f"again, and leave the COMMIT to run()."
+            ) from exc
+        add_note(
+            exc,
+            "asyncgone: not replayed, because the unit of work had already committed part of "
+            "itself (leave the COMMIT to run() to make it replayable)",
+        )
+        raise exc
 
     # -- observability -----------------------------------------------------------------------
 

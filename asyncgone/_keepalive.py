@@ -89,7 +89,9 @@ class Keepalive:
         if task is None or task.done():
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        # finish() re-raises a cancellation of the caller once the task has stopped: that
+        # one must propagate. Only an overrun is tolerated (the task is cancelled anyway).
+        with contextlib.suppress(TimeoutError):
             await finish(asyncio.wait({task}), _STOP_TIMEOUT, "stopping the keepalive")
 
     async def __aenter__(self) -> Keepalive:

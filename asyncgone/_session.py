@@ -35,7 +35,13 @@ from ._waits import finish
 if TYPE_CHECKING:
     from ._database import Database
 
-__all__ = ["DEFAULT_CLEANUP_TIMEOUT", "DEFAULT_SESSION_OPTIONS", "SessionScope", "managed_session"]
+__all__ = [
+    "DEFAULT_CLEANUP_TIMEOUT",
+    "DEFAULT_SESSION_OPTIONS",
+    "SessionScope",
+    "commits",
+    "managed_session",
+]
 
 log = logging.getLogger("asyncgone")
 
@@ -47,6 +53,8 @@ DEFAULT_CLEANUP_TIMEOUT = 5.0
 DEFAULT_SESSION_OPTIONS: Mapping[str, Any] = {"expire_on_commit": False}
 
 _CONNECTIONS = "asyncgone.connections"
+_COMMITS_BEGUN = "asyncgone.commits_begun"
+_COMMITS_DONE = "asyncgone.commits_done"
 _tracking_classes: dict[type[Session], type[Session]] = {}
 
 
@@ -60,6 +68,8 @@ def _tracking_class(base: type[Session]) -> type[Session]:
     if cls is None:
         cls = type(base.__name__, (base,), {"__module__": base.__module__})
         event.listen(cls, "after_begin", _remember_connection)
+        event.listen(cls, "before_commit", _commit_begins)
+        event.listen(cls, "after_commit", _commit_ends)
         _tracking_classes[base] = cls
     return cls
 
@@ -68,6 +78,20 @@ def _remember_connection(
     session: Session, transaction: SessionTransaction, conn: Connection
 ) -> None:
     session.info.setdefault(_CONNECTIONS, []).append(conn)
+
+
+def _commit_begins(session: Session) -> None:
+    session.info[_COMMITS_BEGUN] = session.info.get(_COMMITS_BEGUN, 0) + 1
+
+
+def _commit_ends(session: Session) -> None:
+    session.info[_COMMITS_DONE] = session.info.get(_COMMITS_DONE, 0) + 1
+
+
+def commits(session: AsyncSession) -> tuple[int, int]:
+    """How many commits the session has begun and completed so far."""
+    info = session.info
+    return info.get(_COMMITS_BEGUN, 0), info.get(_COMMITS_DONE, 0)
 
 
 async def _lost_before_commit(session: AsyncSession) -> bool:
