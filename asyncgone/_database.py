@@ -170,6 +170,17 @@ class Database:
         engine, self._engine = self._engine, None
         keepalive, self._keepalive = self._keepalive, None
         self._state = _State.CLOSED
+        # All steps run to the end in one task of their own: a cancellation of the caller
+        # (re-raised once they are done) must not leave the engine's connections open.
+        try:
+            await finish(self._shut_down(keepalive, engine), 3 * self._cleanup_timeout, "closing")
+        except TimeoutError:
+            log.warning(
+                "closing the database took longer than %s s and was abandoned",
+                3 * self._cleanup_timeout,
+            )
+
+    async def _shut_down(self, keepalive: Keepalive | None, engine: AsyncEngine | None) -> None:
         if keepalive is not None:
             await keepalive.stop()
         if engine is not None:

@@ -141,6 +141,32 @@ def error_code(exc: BaseException) -> int | None:
     return None
 
 
+# Where an error must come from to be taken for a lost database connection on its looks
+# alone (a socket reset, a closed transport, "already closed"): the drivers, SQLAlchemy and
+# the event loop's transports under them.
+_DATABASE_MODULES = ("aiomysql", "asyncmy", "pymysql", "sqlalchemy", "asyncgone._drivers")
+
+
+def _from_database_stack(exc: BaseException) -> bool:
+    """Tell whether ``exc`` was raised by database code, or cannot be told apart.
+
+    A ``ConnectionResetError`` from an HTTP call inside a unit of work is not a database
+    disconnect, and replaying the work for it would be wrong. An exception that was raised
+    carries its path in its traceback; one that was never raised (built by hand) is judged
+    on its looks.
+    """
+    if type(exc).__module__.startswith(_DATABASE_MODULES):
+        return True
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def disconnect_scope(exc: BaseException) -> Scope | None:
     """Return how far a disconnect reaches, or None when ``exc`` is not a disconnect."""
     if isinstance(exc, sa_exc.DisconnectionError):
@@ -153,6 +179,8 @@ def disconnect_scope(exc: BaseException) -> Scope | None:
         if scope is None and exc.connection_invalidated:
             return Scope.CONNECTION
         return scope
+    if not _from_database_stack(exc):
+        return None
     if isinstance(exc, ConnectionError):  # reset, broken pipe, aborted: the socket is gone
         return Scope.CONNECTION
     if isinstance(exc, RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, ProgrammingError
@@ -9,17 +11,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
 from asyncgone import AsyncGoneError, ConfigurationError, Database, DatabaseUnavailable
+from tests._support import Server, wait_until
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_start_probes_and_close_disposes(url: str) -> None:
+def connected(server: Server, thread: int) -> bool:
+    [(n,)] = server.query(
+        f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {thread}"
+    )
+    return bool(n)
+
+
+async def test_start_probes_and_close_disposes(url: str, shared: Server) -> None:
     """``async with db`` answers queries; afterwards the engine is gone for good."""
     db = Database(url)
     async with db:
         engine = db.engine
         assert await db.run(lambda s: s.scalar(text("SELECT 41 + 1"))) == 42
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        thread = await db.run(lambda s: s.scalar(text("SELECT CONNECTION_ID()")))
+    assert engine.sync_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    await wait_until(lambda: not connected(shared, thread))  # closed on the server too
     with pytest.raises(AsyncGoneError, match="not started"):
         db.engine  # noqa: B018
     with pytest.raises(AsyncGoneError, match="cannot be reused"):
@@ -98,3 +110,40 @@ def test_exception_tree() -> None:
     """The new exceptions hang under AsyncGoneError as the module docstring draws."""
     assert issubclass(asyncgone.CommitOutcomeUnknown, AsyncGoneError)
     assert issubclass(asyncgone.DatabaseUnavailable, AsyncGoneError)
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_error_leaving_the_block_still_disposes(url: str, shared: Server) -> None:
+    """An exception out of ``async with db`` closes every connection and propagates as is."""
+    db = Database(url)
+    with pytest.raises(Boom):
+        async with db:
+            thread = await db.run(lambda s: s.scalar(text("SELECT CONNECTION_ID()")))
+            raise Boom
+    await wait_until(lambda: not connected(shared, thread))
+
+
+async def test_cancelled_close_still_stops_the_keepalive_and_stays_cancelled(url: str) -> None:
+    """A task cancelled while it closes a Database ends cancelled, with the keepalive stopped
+    and the engine disposed (the cancellation is delivered, not swallowed)."""
+    db = Database(url, keepalive=True)
+    await db.start()
+    keepalive_tasks = [t for t in asyncio.all_tasks() if t.get_name() == "asyncgone-keepalive"]
+    assert keepalive_tasks
+
+    async def close_then_continue() -> str:
+        await db.close()
+        await asyncio.sleep(0)
+        return "ran on"
+
+    task = asyncio.ensure_future(close_then_continue())
+    await asyncio.sleep(0)  # close() has begun
+    task.cancel()
+    await asyncio.wait({task})
+    assert task.cancelled()
+    assert all(t.done() for t in keepalive_tasks)
+    with pytest.raises(AsyncGoneError, match="not started"):
+        db.engine  # noqa: B018

@@ -117,6 +117,22 @@ def test_event_loop_errors_for_a_dead_socket() -> None:
     assert not asyncgone.is_disconnect(ValueError("2013"))
 
 
+def test_errors_raised_outside_the_database_are_not_disconnects() -> None:
+    """A socket reset or an "already closed" raised by non-database code (an HTTP call in a
+    unit of work) is not a database disconnect, so run() does not replay for it."""
+
+    def http_call() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def read_file() -> None:
+        raise ValueError("I/O operation on file already closed")
+
+    for fails in (http_call, read_file):
+        with pytest.raises((ConnectionResetError, ValueError)) as info:
+            fails()
+        assert not asyncgone.is_disconnect(info.value)
+
+
 def test_sqlalchemy_disconnection_errors() -> None:
     """SQLAlchemy's own disconnect exceptions keep their pool-wide flag."""
     assert disconnect_scope(sa_exc.DisconnectionError("x")) is Scope.CONNECTION

@@ -109,6 +109,57 @@ async def test_connection_lost_during_commit_is_never_replayed(
     assert rows(shared, table) == ([(7, 7)] if deliver else [])
 
 
+@pytest.mark.parametrize("deliver", [False, True], ids=["cut-before-server", "cut-after-server"])
+async def test_connection_lost_during_a_commit_the_work_issued_is_never_replayed(
+    url: str, shared: Server, table: str, deliver: bool
+) -> None:
+    """Work that calls session.commit() itself and loses that COMMIT: CommitOutcomeUnknown,
+    one call, never replayed (a replay would insert the row a second time)."""
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text(f"INSERT INTO {table} VALUES (7, 7)"))
+        await session.commit()
+
+    with FaultProxy.for_url(url) as proxy:
+        async with Database(proxy.url) as db:
+            proxy.cut_on(b"COMMIT", deliver=deliver)
+            with pytest.raises(CommitOutcomeUnknown, match="issued by the unit of work itself"):
+                await db.run(work)
+            assert calls == 1
+            assert db.stats().commit_outcome_unknown == 1
+            assert db.stats().replays == 0
+    assert rows(shared, table) == ([(7, 7)] if deliver else [])
+
+
+async def test_failure_after_the_work_committed_part_of_itself_is_not_replayed(
+    url: str, shared: Server, table: str
+) -> None:
+    """A disconnect after work committed part of itself is raised with a note, not replayed:
+    the committed row stays single."""
+    calls = 0
+
+    async def work(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text(f"INSERT INTO {table} VALUES (8, 8)"))
+        await session.commit()
+        thread = (await session.execute(text("SELECT CONNECTION_ID()"))).scalar_one()
+        await anyio.to_thread.run_sync(shared.query, f"KILL {int(thread)}")
+        await session.execute(text(f"INSERT INTO {table} VALUES (9, 9)"))
+
+    async with Database(url) as db:
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            await db.run(work)
+        assert asyncgone.is_disconnect(info.value)
+        assert any("not replayed" in note for note in getattr(info.value, "__notes__", []))
+        assert calls == 1
+        assert db.stats().replays == 0
+    assert rows(shared, table) == [(8, 8)]
+
+
 async def test_deadlocked_units_both_complete(url: str, shared: Server, table: str) -> None:
     """Scenario 4: two units locking rows in opposite order; the deadlock victim is replayed."""
     await anyio.to_thread.run_sync(shared.query, f"INSERT INTO {table} VALUES (1, 0), (2, 0)")
