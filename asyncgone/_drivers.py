@@ -15,6 +15,7 @@ Two connection shapes exist:
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import select
 import socket
@@ -110,17 +111,62 @@ def _readable(transport: asyncio.BaseTransport) -> bool:
 def transaction_ended(conn: Any) -> bool:
     """Tell whether the server's last reply says no transaction is open and nothing is pending.
 
-    Both drivers drop their result object when a command without a result set (COMMIT,
-    ROLLBACK, PING) starts, and record the status flags of the OK packet that answers it. So
-    "no result object" means the last exchange was such a command, and its IN_TRANS flag is
-    then current. Any statement afterwards, through SQLAlchemy or the raw driver, leaves a
-    result object behind; an unread or streaming result does too. False when unsure.
+    Only a connection opened by ``bounded_connector`` can tell (see ``_StatusTracking``): its
+    ``server_status`` is known current when the last command sent (COMMIT, ROLLBACK, PING)
+    was answered by an OK packet. Neither driver records an error reply: a statement that
+    fails leaves the flags of the reply before it, which may well be a COMMIT's, although
+    the failed statement opened a transaction on the server and may hold its locks. A
+    statement answered with a result (rows or OK) leaves a result object behind. False
+    whenever unsure, so that the ROLLBACK is sent.
     """
+    if getattr(conn, "_asyncgone_status_current", False) is not True:
+        return False
     result = getattr(conn, "_result", _MISSING)
     status = getattr(conn, "server_status", None)
     if result is not None or not isinstance(status, int):
         return False
     return not status & _SERVER_STATUS_IN_TRANS
+
+
+class _StatusTracking:
+    """Mixed into a driver's ``Connection``: records whether ``server_status`` is current.
+
+    Both drivers send every command through ``_execute_command`` and read the OK packet
+    that answers COMMIT, ROLLBACK, BEGIN and PING through ``_read_ok_packet``, which copies
+    its status flags. An error reply raises from inside the read and copies nothing, so the
+    flags are current exactly when the last command's ``_read_ok_packet`` returned. (asyncmy's
+    prepared-statement fast path, which writes to the socket itself, runs only for its own
+    class with ``_execute_command`` untouched, so not for this one.)
+    """
+
+    _asyncgone_status_current = False
+
+    async def _execute_command(self, command: int, sql: Any) -> None:
+        # Whatever the reply turns out to be, the flags held so far describe an earlier one.
+        self._asyncgone_status_current = False
+        await super()._execute_command(command, sql)  # type: ignore[misc]
+
+    async def _read_ok_packet(self, *args: Any, **kwargs: Any) -> Any:
+        ok = await super()._read_ok_packet(*args, **kwargs)  # type: ignore[misc]
+        self._asyncgone_status_current = True
+        return ok
+
+
+@functools.cache
+def _status_tracking(connection_class: type) -> type:
+    """Return ``connection_class`` with ``_StatusTracking`` mixed in, if it has the shape."""
+    # A driver version that sends or reads differently keeps its own class: its connections
+    # never claim a finished transaction, and returning one always costs a ROLLBACK.
+    if not all(
+        inspect.iscoroutinefunction(getattr(connection_class, name, None))
+        for name in ("_execute_command", "_read_ok_packet")
+    ):
+        return connection_class
+    return type(
+        connection_class.__name__,
+        (_StatusTracking, connection_class),
+        {"__module__": connection_class.__module__},
+    )
 
 
 def last_usage(conn: Any) -> float | None:
@@ -217,7 +263,8 @@ def bounded_connector(driver: str, timeout: float) -> Callable[..., Awaitable[An
     proxy that accepts the connection and never sends its greeting hangs them forever. This
     bounds the whole handshake, closes the half-open socket on timeout or cancellation
     (aiomysql leaves it open), and raises the driver's error 2003, as a refused connection
-    would.
+    would. Its connections also track whether their status flags are current, which
+    ``transaction_ended`` needs.
     """
     if driver == "aiomysql":
         from aiomysql import Connection
@@ -225,9 +272,10 @@ def bounded_connector(driver: str, timeout: float) -> Callable[..., Awaitable[An
     else:
         from asyncmy.connection import Connection
         from asyncmy.errors import OperationalError
+    connection_class = _status_tracking(Connection)
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
-        conn = Connection(*args, **kwargs)
+        conn = connection_class(*args, **kwargs)
         opening = conn._connect() if driver == "aiomysql" else conn.connect()
         try:
             await bounded(opening, timeout)

@@ -8,10 +8,11 @@ whether asyncgone sent or skipped the ROLLBACK.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
@@ -64,13 +65,77 @@ async def test_commit_then_return_skips_the_rollback(engine: AsyncEngine, shared
     assert rows(shared) == [1]
 
 
+# A statement, alone or with the parameters to send with it.
+Step = str | tuple[str, tuple[Any, ...]]
+
+
+async def through_the_pool(engine: AsyncEngine, *steps: Step) -> None:
+    """Run ``steps`` on a pooled connection through the DBAPI alone, then return it.
+
+    No SQLAlchemy ``Connection`` rolls back first, so asyncgone decides whether the return
+    needs a ROLLBACK. ``"commit"`` is the driver's own commit(), as SQLAlchemy sends it; any
+    other step is a statement. The first failing step's error propagates, after the return.
+    """
+
+    def use() -> None:
+        raw = engine.sync_engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                for step in steps:
+                    if step == "commit":
+                        raw.commit()
+                    elif isinstance(step, tuple):
+                        cursor.execute(*step)
+                    else:
+                        cursor.execute(step)
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+
+    await greenlet_spawn(use)
+
+
+def integrity_error(engine: AsyncEngine) -> type[Exception]:
+    """The DBAPI's IntegrityError, as a raw pooled connection raises it."""
+    return engine.sync_engine.dialect.loaded_dbapi.IntegrityError  # type: ignore[no-any-return]
+
+
+async def test_commit_through_the_pool_skips_the_rollback(
+    engine: AsyncEngine, shared: Server
+) -> None:
+    """The driver's COMMIT as the last command: asyncgone skips the ROLLBACK on its own."""
+    thread = await thread_of(engine)
+    before = resets(engine)
+    await through_the_pool(engine, "INSERT INTO ag_reset VALUES (1)", "commit")
+    assert resets(engine) == (before[0], before[1] + 1)
+    assert open_transactions(shared, thread) == 0
+    assert rows(shared) == [1]
+
+
+async def test_sqlalchemy_connection_rolls_back_by_itself(
+    engine: AsyncEngine, shared: Server
+) -> None:
+    """A Connection closed mid-transaction rolls back itself, and asyncgone adds no second
+    ROLLBACK."""
+    thread = await thread_of(engine)
+    before = resets(engine)
+    async with engine.connect() as conn:
+        await conn.execute(text("INSERT INTO ag_reset VALUES (1)"))
+    assert resets(engine) == before
+    assert open_transactions(shared, thread) == 0
+    assert rows(shared) == []
+
+
 async def test_statement_after_commit_is_rolled_back(engine: AsyncEngine, shared: Server) -> None:
     """A statement after COMMIT opens a new transaction, which is rolled back on return."""
     thread = await thread_of(engine)
-    async with engine.connect() as conn:
-        await conn.execute(text("INSERT INTO ag_reset VALUES (1)"))
-        await conn.commit()
-        await conn.execute(text("INSERT INTO ag_reset VALUES (2)"))
+    before = resets(engine)
+    await through_the_pool(
+        engine, "INSERT INTO ag_reset VALUES (1)", "commit", "INSERT INTO ag_reset VALUES (2)"
+    )
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == [1]
 
@@ -80,10 +145,15 @@ async def test_released_savepoint_is_rolled_back_with_its_transaction(
 ) -> None:
     """Work inside a released savepoint belongs to the outer transaction: rolled back."""
     thread = await thread_of(engine)
-    async with engine.connect() as conn:
-        await conn.begin()
-        async with conn.begin_nested():
-            await conn.execute(text("INSERT INTO ag_reset VALUES (3)"))
+    before = resets(engine)
+    await through_the_pool(
+        engine,
+        "commit",
+        "SAVEPOINT s",
+        "INSERT INTO ag_reset VALUES (3)",
+        "RELEASE SAVEPOINT s",
+    )
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == []
 
@@ -91,10 +161,12 @@ async def test_released_savepoint_is_rolled_back_with_its_transaction(
 async def test_error_mid_transaction_is_rolled_back(engine: AsyncEngine, shared: Server) -> None:
     """After a failing statement the transaction's earlier work is rolled back on return."""
     thread = await thread_of(engine)
-    async with engine.connect() as conn:
-        await conn.execute(text("INSERT INTO ag_reset VALUES (4)"))
-        with pytest.raises(sa_exc.IntegrityError):
-            await conn.execute(text("INSERT INTO ag_reset VALUES (4)"))
+    before = resets(engine)
+    with pytest.raises(integrity_error(engine)):
+        await through_the_pool(
+            engine, "commit", "INSERT INTO ag_reset VALUES (4)", "INSERT INTO ag_reset VALUES (4)"
+        )
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == []
 
@@ -102,12 +174,159 @@ async def test_error_mid_transaction_is_rolled_back(engine: AsyncEngine, shared:
 async def test_ddl_then_statement_is_rolled_back(engine: AsyncEngine, shared: Server) -> None:
     """DDL commits implicitly; the statement after it is still rolled back on return."""
     thread = await thread_of(engine)
-    async with engine.connect() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS ag_reset_ddl (id INT)"))
-        await conn.execute(text("INSERT INTO ag_reset VALUES (5)"))
+    before = resets(engine)
+    await through_the_pool(
+        engine,
+        "CREATE TABLE IF NOT EXISTS ag_reset_ddl (id INT)",
+        "INSERT INTO ag_reset VALUES (5)",
+    )
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == []
     shared.query("DROP TABLE IF EXISTS ag_reset_ddl")
+
+
+# Statements that fail after opening a transaction, with rows 8 and 9 present: the INSERT
+# takes a shared lock on the duplicate row 9; the UPDATE locks row 8 before its new key
+# collides with row 9. InnoDB keeps both locks until the transaction ends.
+FAILING = {
+    "duplicate insert": "INSERT INTO ag_reset VALUES (9)",
+    "update that locked a row": "UPDATE ag_reset SET id = 9 WHERE id = 8",
+}
+
+
+def assert_rows_unlocked(server: Server) -> None:
+    """Another session takes rows 8 and 9 at once: no transaction holds them any more."""
+    server.query("SELECT id FROM ag_reset WHERE id IN (8, 9) FOR UPDATE NOWAIT")
+
+
+@pytest.mark.parametrize("statement", list(FAILING.values()), ids=list(FAILING))
+async def test_failed_statement_after_commit_is_rolled_back(
+    engine: AsyncEngine, shared: Server, statement: str
+) -> None:
+    """A statement failing after COMMIT opened a transaction that the error reply does not
+    show (the driver keeps COMMIT's status flags): it is rolled back on return."""
+    shared.query("INSERT INTO ag_reset VALUES (8), (9)")
+    thread = await thread_of(engine)
+    before = resets(engine)
+    with pytest.raises(integrity_error(engine)):
+        await through_the_pool(engine, "commit", statement)
+    assert resets(engine) == (before[0] + 1, before[1])
+    assert open_transactions(shared, thread) == 0
+    assert_rows_unlocked(shared)
+    assert rows(shared) == [8, 9]
+
+
+@pytest.mark.parametrize("statement", list(FAILING.values()), ids=list(FAILING))
+async def test_failed_first_statement_on_a_raw_connection_is_rolled_back(
+    engine: AsyncEngine, shared: Server, statement: str
+) -> None:
+    """raw_connection() whose only statement fails, on a connection last ended by a ROLLBACK:
+    the transaction that statement opened is rolled back on return."""
+    shared.query("INSERT INTO ag_reset VALUES (8), (9)")
+    thread = await thread_of(engine)  # ends with SQLAlchemy's ROLLBACK: flags say "ended"
+    before = resets(engine)
+    with pytest.raises(integrity_error(engine)):
+        await through_the_pool(engine, statement)
+    assert resets(engine) == (before[0] + 1, before[1])
+    assert open_transactions(shared, thread) == 0
+    assert_rows_unlocked(shared)
+
+
+@pytest.mark.parametrize("statement", list(FAILING.values()), ids=list(FAILING))
+async def test_failed_raw_driver_statement_after_commit_is_rolled_back(
+    engine: AsyncEngine, shared: Server, statement: str
+) -> None:
+    """A statement sent through the driver's own cursor after COMMIT fails: its transaction
+    is rolled back on return."""
+    shared.query("INSERT INTO ag_reset VALUES (8), (9)")
+    thread = await thread_of(engine)
+    before = resets(engine)
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        await conn.commit()
+        raw = (await conn.get_raw_connection()).driver_connection
+        cursor = raw.cursor()
+        if asyncio.iscoroutine(cursor) or hasattr(cursor, "__await__"):
+            cursor = await cursor
+        with pytest.raises(raw.IntegrityError):
+            await cursor.execute(statement)
+        await cursor.close()
+    assert resets(engine) == (before[0] + 1, before[1])
+    assert open_transactions(shared, thread) == 0
+    assert_rows_unlocked(shared)
+
+
+def asyncmy_caches_statements() -> bool:
+    """Tell whether the installed asyncmy has its prepared-statement cache (newer releases)."""
+    from asyncmy.connection import Connection
+
+    return "stmt_cache_size" in inspect.signature(Connection.__init__).parameters
+
+
+@pytest.mark.skipif(
+    not asyncmy_caches_statements(), reason="this asyncmy release has no statement cache"
+)
+async def test_failed_prepared_statement_after_commit_is_rolled_back(shared: Server) -> None:
+    """asyncmy's prepared-statement cache, which can bypass the driver's command path: a
+    prepared statement failing after COMMIT is rolled back on return."""
+    engine = asyncgone.create_engine(
+        shared.url("asyncmy", stmt_cache_size="8"), pool_size=1, max_overflow=0
+    )
+    update = "UPDATE ag_reset SET id = %s WHERE id = %s"
+
+    def cached() -> bool:
+        raw = engine.sync_engine.raw_connection()
+        try:
+            return update in raw.driver_connection._stmt_cache
+        finally:
+            raw.close()
+
+    try:
+        shared.query("CREATE TABLE IF NOT EXISTS ag_reset (id INT PRIMARY KEY)")
+        shared.query("DELETE FROM ag_reset")
+        shared.query("INSERT INTO ag_reset VALUES (8), (9)")
+        thread = await thread_of(engine)
+        # Twice: the first run prepares the statement, the second executes the cached one.
+        for _ in range(2):
+            before = resets(engine)
+            with pytest.raises(integrity_error(engine)):
+                await through_the_pool(engine, "commit", (update, (9, 8)))
+            assert resets(engine) == (before[0] + 1, before[1])
+            assert open_transactions(shared, thread) == 0
+            assert_rows_unlocked(shared)
+        assert await greenlet_spawn(cached)
+    finally:
+        await engine.dispose()
+
+
+async def test_connection_asyncgone_did_not_open_is_always_rolled_back(
+    shared: Server, url: str, driver: str
+) -> None:
+    """A connection from the application's own async_creator cannot tell how its last reply
+    ended, so even after a COMMIT the ROLLBACK is sent."""
+    if driver == "aiomysql":
+        from aiomysql import connect
+    else:
+        from asyncmy import connect
+
+    async def creator() -> Any:
+        return await connect(
+            host=shared.host,
+            port=shared.port,
+            user=shared.user,
+            password=shared.password,
+            db=shared.database,
+        )
+
+    engine = asyncgone.create_engine(url, async_creator=creator, pool_size=1)
+    try:
+        for _ in range(3):
+            async with asyncgone.managed_session(engine) as session:
+                await session.execute(text("SELECT 1"))
+        assert resets(engine) == (3, 0)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -131,7 +350,7 @@ async def test_raw_driver_use_after_commit_is_rolled_back(
         await cursor.execute(statement)
         await cursor.fetchall()
         await cursor.close()
-    assert resets(engine)[0] == before[0] + 1
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == [9]
     # The row lock of FOR UPDATE is gone: another session takes it without waiting.
@@ -141,15 +360,9 @@ async def test_raw_driver_use_after_commit_is_rolled_back(
 async def test_raw_pool_connection_is_rolled_back(engine: AsyncEngine, shared: Server) -> None:
     """A pooled connection used without SQLAlchemy's Connection at all is rolled back."""
     thread = await thread_of(engine)
-
-    def use_the_pool_directly() -> None:
-        raw = engine.sync_engine.raw_connection()
-        cursor = raw.cursor()
-        cursor.execute("INSERT INTO ag_reset VALUES (7)")
-        cursor.close()
-        raw.close()
-
-    await greenlet_spawn(use_the_pool_directly)
+    before = resets(engine)
+    await through_the_pool(engine, "INSERT INTO ag_reset VALUES (7)")
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == []
 
