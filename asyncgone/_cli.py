@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, TextIO
 
@@ -21,10 +23,78 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 LOCAL_URL = "mysql://root@127.0.0.1:3306/test"
+_EXAMPLE = "mysql+asyncmy://user:password@host:3306/database"
 
 # Exit codes: argparse itself exits 2 on bad usage, as does a bad URL here.
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED = 0, 1, 2, 3, 4
-_DENIED = frozenset({1044, 1045, 1698})  # access denied (database, user/password, plugin)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DENIED, EXIT_NO_DATABASE = 0, 1, 2, 3, 4, 5
+_EXIT_CODES = (
+    "exit codes: 0 done; 1 any other failure; 2 bad usage or unusable URL; 3 server "
+    "unreachable or silent; 4 access denied; 5 database does not exist"
+)
+
+# Client errors that mean the server could not be reached or hung up during the handshake.
+_UNREACHABLE = frozenset({2002, 2003, 2005, 2006, 2013, 2055})
+
+# What a refused connection means, by MySQL error code: exit code, headline, what to do.
+# {target} is the masked URL, {database} the database the server named.
+_REFUSALS: dict[int, tuple[int, str, str]] = {
+    1045: (
+        EXIT_DENIED,
+        "access denied to {target}",
+        "Check the user name and password in the URL.",
+    ),
+    1698: (
+        EXIT_DENIED,
+        "access denied to {target}",
+        "The account logs in some other way than by password, such as unix_socket over the "
+        "server's local socket (as Debian's root does): connect as a user with a password.",
+    ),
+    1130: (
+        EXIT_DENIED,
+        "access denied to {target}",
+        "The server has no account for this user at this client's address: create one "
+        "(for example 'user'@'%') or connect from an address it knows.",
+    ),
+    # A user without privileges on a database gets 1044 whether it exists or not: the server
+    # does not tell such users which databases exist.
+    1044: (
+        EXIT_DENIED,
+        "access denied to {target}",
+        "The user may log in but has no grant on database {database!r} (or it does not "
+        "exist): GRANT the user privileges on it, or name another database in the URL.",
+    ),
+    1049: (
+        EXIT_NO_DATABASE,
+        "database {database!r} does not exist on {target}",
+        "Create it (CREATE DATABASE `{database}`) or name an existing database in the URL "
+        "(SHOW DATABASES lists them).",
+    ),
+    1040: (
+        EXIT_ERROR,
+        "{target} refused the connection",
+        "The server has no connection to spare: close idle clients, shrink their pools, or "
+        "raise max_connections.",
+    ),
+    1203: (
+        EXIT_ERROR,
+        "{target} refused the connection",
+        "This user has as many connections as max_user_connections allows: close some, or "
+        "raise the limit.",
+    ),
+    1226: (
+        EXIT_ERROR,
+        "{target} refused the connection",
+        "This account has used up a resource limit of its own (such as MAX_USER_CONNECTIONS "
+        "in its grants): close some of its connections, or raise the limit.",
+    ),
+    1129: (
+        EXIT_ERROR,
+        "{target} refused the connection",
+        "The server blocks this host after too many failed connection attempts: run FLUSH "
+        "HOSTS (mariadb-admin flush-hosts) on it, and raise max_connect_errors.",
+    ),
+}
+_QUOTED_DATABASE = re.compile(r"database '([^']*)'")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Examine a MySQL/MariaDB server's timeouts and limits, measure the round "
         "trip, list long-sleeping connections, and say what asyncgone will derive and what "
         "to change.",
+        epilog=_EXIT_CODES,
     )
     doctor.add_argument("url", nargs="?", help=f"database URL (default: ${ENV_VAR})")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -50,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         help="plain SQLAlchemy and asyncgone through the same faults, side by side",
         description="Show plain SQLAlchemy failing and asyncgone surviving an idle timeout, a "
         "KILL, a connection reset and a network blackhole, in under a minute.",
+        epilog=_EXIT_CODES,
     )
     demo.add_argument(
         "url",
@@ -87,32 +159,36 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     try:
         report = await examine(url, args.timeout)
     except Exception as exc:
-        return _connect_failure(url, exc)
+        return _connect_failure(url, exc, args.timeout)
     if args.json:
         json.dump(report.as_dict(), out, indent=2, default=str)
         out.write("\n")
         return EXIT_OK
     server = report.server
+
+    def show(label: str, value: str) -> None:
+        print(f"  {label:<20}{value}", file=out)
+
     print(f"asyncgone doctor: {report.target}", file=out)
-    print(f"  server            {server['version']} ({server['version_comment']})", file=out)
-    print(f"  round trip        {report.round_trip_ms:.2f} ms (median of 5 pings)", file=out)
-    print(
-        f"  wait_timeout      {server['wait_timeout_session']} s for this client "
-        f"(global {server['wait_timeout_global']} s, "
-        f"interactive_timeout {server['interactive_timeout_global']} s)",
-        file=out,
+    show("server", f"{server['version']} ({server['version_comment']})")
+    show("round trip", f"{report.round_trip_ms:.2f} ms (median of 5 pings)")
+    show(
+        "wait_timeout",
+        f"{server['wait_timeout_session']} s for this client "
+        f"(global {server['wait_timeout_global']} s)",
     )
-    print(
-        f"  net timeouts      read {server['net_read_timeout']} s, "
-        f"write {server['net_write_timeout']} s",
-        file=out,
+    show(
+        "interactive_timeout",
+        f"{server['interactive_timeout_session']} s for this client "
+        f"(global {server['interactive_timeout_global']} s)",
     )
-    print(f"  max_allowed_packet {server['max_allowed_packet']} bytes", file=out)
-    print(
-        f"  connections       {report.threads_connected} of {server['max_connections']}"
-        f"{' (read-only server)' if str(server['read_only']) in ('1', 'ON') else ''}",
-        file=out,
+    show(
+        "net timeouts",
+        f"read {server['net_read_timeout']} s, write {server['net_write_timeout']} s",
     )
+    show("max_allowed_packet", f"{server['max_allowed_packet']} bytes")
+    read_only = " (read-only server)" if str(server["read_only"]) in ("1", "ON") else ""
+    show("connections", f"{report.threads_connected} of {server['max_connections']}{read_only}")
     if report.sleeping:
         print("  longest sleeping connections:", file=out)
         for s in report.sleeping:
@@ -122,12 +198,11 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
             )
     derived = report.derived
     print("asyncgone will use:", file=out)
-    print(f"  idle limit        {derived['idle_limit_s']:g} s (recycle='auto')", file=out)
-    print(f"  keepalive every   {derived['keepalive_interval_s']:g} s (interval='auto')", file=out)
-    print(
-        f"  ping after        {derived['ping_after_s']:g} s idle; max lifetime "
-        f"{derived['max_lifetime_s']:g} s",
-        file=out,
+    show("idle limit", f"{derived['idle_limit_s']:g} s (recycle='auto')")
+    show("keepalive every", f"{derived['keepalive_interval_s']:g} s (interval='auto')")
+    show(
+        "ping after",
+        f"{derived['ping_after_s']:g} s idle; max lifetime {derived['max_lifetime_s']:g} s",
     )
     print("advice:", file=out)
     for line in report.advice:
@@ -135,22 +210,48 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _connect_failure(url: URL, exc: Exception) -> int:
-    code = error_code(exc)
+def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
+    """Say why ``url`` could not be used: exit code, headline, and the details and remedy."""
     target = mask(url)
-    if code in _DENIED:
-        print(
-            f"asyncgone: access denied to {target}: {describe(exc)}. Check the user name and "
-            "password in the URL, and the user's grants.",
-            file=sys.stderr,
+    detail = describe(exc)
+    code = error_code(exc)
+    if code in _REFUSALS:
+        exit_code, headline, remedy = _REFUSALS[code]
+        # The server names the database it refused: an init command may have asked for
+        # another one than the URL.
+        named = _QUOTED_DATABASE.search(detail)
+        database = named.group(1) if named else (url.database or "")
+        return (
+            exit_code,
+            headline.format(target=target, database=database),
+            f"{detail}. {remedy.format(database=database)}",
         )
-        return EXIT_DENIED
-    print(
-        f"asyncgone: cannot reach {target}: {describe(exc)}. Check the host and port, that the "
-        "server runs, and that nothing blocks the way.",
-        file=sys.stderr,
-    )
-    return EXIT_UNREACHABLE if code in (2002, 2003, 2005, 2013) or code is None else EXIT_ERROR
+    if isinstance(exc, TimeoutError):  # a step of ours, bounded by the timeout, overran
+        return (
+            EXIT_UNREACHABLE,
+            f"no answer from {target} within {timeout:g} s",
+            "Check that the server runs and is not overloaded, and that nothing on the way "
+            "drops packets.",
+        )
+    if code in _UNREACHABLE or (code is None and isinstance(exc, OSError)):
+        return (
+            EXIT_UNREACHABLE,
+            f"cannot reach {target}",
+            f"{detail}. Check the host and port, that the server runs, and that nothing blocks "
+            "the way.",
+        )
+    if code is not None and not 2000 <= code < 3000:  # the server refused (2xxx: the client)
+        return EXIT_ERROR, f"{target} refused the connection", f"{detail}."
+    return EXIT_ERROR, f"could not use {target}", f"{detail}."
+
+
+def _connect_failure(url: URL, exc: Exception, timeout: float) -> int:
+    """Explain on stderr why ``url`` could not be used; return the exit code."""
+    if isinstance(exc, ConfigurationError):
+        raise exc  # an option in the URL that asyncgone rejects: main() reports it as usage
+    exit_code, headline, explanation = _diagnose(url, exc, timeout)
+    print(f"asyncgone: {headline}: {explanation}", file=sys.stderr)
+    return exit_code
 
 
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -160,38 +261,73 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     # A URL on the command line must work; the defaults ($DATABASE_URL, then the local
     # server) may be replaced by a disposable server.
     url = resolve_url(args.url or os.environ.get(ENV_VAR) or LOCAL_URL)
+    probe_timeout = 3.0
     server = None
     try:
-        await examine(url, 3.0)
+        await examine(url, probe_timeout)
     except Exception as exc:
-        if args.url:
-            return _connect_failure(url, exc)
-        server = _disposable_server(out, url)
-        if server is None:
-            return _connect_failure(url, exc)
+        if args.url or isinstance(exc, ConfigurationError):
+            return _connect_failure(url, exc, probe_timeout)
+        started = _disposable_server(out, url, exc, probe_timeout)
+        if isinstance(started, int):
+            return started
+        server = started
         url = resolve_url(server.url(url.drivername.partition("+")[2]))
     try:
         print(f"asyncgone demo against {mask(url)}", file=out)
         outcomes = await run_demo(url, out)
         print("", file=out)
         print(table(outcomes), file=out)
+    except Exception as exc:
+        # The demo breaks connections on purpose and survives that; this is the server itself
+        # going away (or a disposable one dying just after its port opened).
+        print(
+            f"\nasyncgone: the demo against {mask(url)} stopped: {describe(exc)}", file=sys.stderr
+        )
+        return EXIT_ERROR
     finally:
         if server is not None:
             server.close()
     return EXIT_OK
 
 
-def _disposable_server(out: TextIO, url: URL) -> MariaDBServer | None:
-    """Start a disposable MariaDB for the demo, or return None if that is not possible."""
-    try:
-        from .testing import MariaDBServer, ServerBinaryNotFound
+def _disposable_server(
+    out: TextIO, url: URL, exc: Exception, timeout: float
+) -> MariaDBServer | int:
+    """Start a disposable MariaDB for the demo, as ``url`` failed with ``exc``.
 
-        print(f"no server answers at {mask(url)}: starting a disposable MariaDB", file=out)
-        return MariaDBServer().start()
-    except ServerBinaryNotFound:
-        return None
-    except ImportError:
+    Returns the running server, or reports why there is none and returns the exit code.
+    """
+    from .testing import MariaDBServer, ServerBinaryNotFound
+
+    _, headline, _ = _diagnose(url, exc, timeout)
+    if importlib.util.find_spec("mirakuru") is None:  # MariaDBServer starts servers with it
         print(
             "asyncgone: a disposable server needs pip install 'asyncgone[testing]'", file=sys.stderr
         )
-        return None
+        return _connect_failure(url, exc, timeout)
+    try:
+        server = MariaDBServer()
+    except ServerBinaryNotFound:
+        return _connect_failure(url, exc, timeout)  # none possible here: say why the URL failed
+    except Exception as failure:  # e.g. no writable temporary directory
+        return _disposable_failed(headline, failure)
+    print(f"{headline}: starting a disposable MariaDB", file=out)
+    try:
+        return server.start()
+    except BaseException as failure:
+        # Whatever stopped it (a server that would not start or answer in time, Ctrl-C), its
+        # process and data directory must not outlive the command.
+        server.close()
+        if not isinstance(failure, Exception):
+            raise
+        return _disposable_failed(headline, failure)
+
+
+def _disposable_failed(headline: str, failure: Exception) -> int:
+    print(
+        f"asyncgone: {headline}, and a disposable MariaDB did not start: {describe(failure)}\n"
+        f"Start a server, or pass the URL of a running one: asyncgone demo {_EXAMPLE}",
+        file=sys.stderr,
+    )
+    return EXIT_ERROR

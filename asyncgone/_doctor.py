@@ -26,6 +26,7 @@ _VARIABLES = (
     ("wait_timeout_global", "@@global.wait_timeout"),
     ("wait_timeout_session", "@@session.wait_timeout"),
     ("interactive_timeout_global", "@@global.interactive_timeout"),
+    ("interactive_timeout_session", "@@session.interactive_timeout"),
     ("net_read_timeout", "@@net_read_timeout"),
     ("net_write_timeout", "@@net_write_timeout"),
     ("max_allowed_packet", "@@max_allowed_packet"),
