@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import asyncgone
+from asyncgone.testing import FaultProxy
 from tests._support import Server
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +125,22 @@ async def test_bad_bind_is_explained() -> None:
     with pytest.raises(asyncgone.ConfigurationError, match="must be a string"):
         async with asyncgone.managed_session(42):  # type: ignore[arg-type]
             pass
+
+
+async def test_cleanup_on_a_blackholed_connection_is_bounded(url: str) -> None:
+    """A rollback that can never be answered is abandoned after cleanup_timeout: the original
+    error comes out with a note, and the connection is not left checked out."""
+    with FaultProxy.for_url(url) as proxy:
+        async with asyncgone.Database(proxy.url, keepalive=False, cleanup_timeout=0.5) as db:
+            started = time.monotonic()
+            with pytest.raises(Boom) as info:
+                async with db.session() as session:
+                    await session.execute(text("SELECT 1"))
+                    proxy.blackhole()
+                    raise Boom
+            assert time.monotonic() - started < 0.5 + 5
+            assert any("timed out" in note for note in info.value.__notes__)
+            assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            proxy.restore()
+            async with db.session() as session:  # the pool works on
+                assert (await session.execute(text("SELECT 1"))).scalar_one() == 1

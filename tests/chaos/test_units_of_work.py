@@ -222,3 +222,73 @@ async def test_run_gives_up_with_a_clear_message(
     assert "within 1 s" in message
     assert "2003" in message
     assert "pw-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("retry_codes", "calls_expected"), [(None, 2), ((), 1)], ids=["default", "none"]
+)
+async def test_lock_wait_timeout_is_replayed_unless_told_otherwise(
+    url: str,
+    shared: Server,
+    table: str,
+    retry_codes: tuple[int, ...] | None,
+    calls_expected: int,
+) -> None:
+    """1205 (lock wait timeout) is replayed by default; with retry_codes=() it is raised at
+    once, after one call."""
+    await anyio.to_thread.run_sync(shared.query, f"INSERT INTO {table} VALUES (1, 0)")
+    calls = 0
+    with shared.admin() as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute(f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE")
+
+        async def work(session: AsyncSession) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the other transaction is over by the replay
+                await anyio.to_thread.run_sync(blocker.execute, "ROLLBACK")
+            await session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+            await session.execute(text(f"UPDATE {table} SET v = v + 1 WHERE id = 1"))
+
+        async with Database(url) as db:
+            if retry_codes is None:
+                await db.run(work)
+                assert db.stats().replays == 1
+            else:
+                with pytest.raises(sa_exc.OperationalError, match="1205"):
+                    await db.run(work, retry_codes=retry_codes)
+                assert db.stats().replays == 0
+        blocker.execute("ROLLBACK")
+    assert calls == calls_expected
+    assert rows(shared, table) == [(1, 1 if retry_codes is None else 0)]
+
+
+async def test_without_kill_on_cancel_an_abandoned_statement_runs_on(
+    url: str, shared: Server, table: str
+) -> None:
+    """kill_on_cancel=False: a lock wait abandoned by a cancellation keeps running on the
+    server (what asyncgone's KILL QUERY prevents by default)."""
+    await anyio.to_thread.run_sync(shared.query, f"INSERT INTO {table} VALUES (1, 0)")
+    statement = f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE /* ag-left-running */"
+
+    def still_running() -> int:
+        [(n,)] = shared.query(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+            "WHERE INFO LIKE '%ag-left-running%' AND ID <> CONNECTION_ID()"
+        )
+        return int(n)
+
+    engine = asyncgone.create_engine(url, kill_on_cancel=False)
+    try:
+        with shared.admin() as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute(f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE")
+            with anyio.move_on_after(0.3):
+                async with asyncgone.managed_session(engine) as session:
+                    await session.execute(text(statement))
+            await anyio.sleep(1)
+            assert await anyio.to_thread.run_sync(still_running) == 1
+            assert asyncgone.stats(engine).kills == 0
+            blocker.execute("ROLLBACK")
+    finally:
+        await engine.dispose()
