@@ -15,7 +15,8 @@
 
 - ``before_serving`` starts the Database, ``after_serving`` always closes it;
 - the request's session opens on first use, is committed in ``after_request`` (so before
-  the response leaves; a failed commit becomes an error response), and rolled back instead
+  the response leaves; if committing fails, the response is replaced: by the 503 below
+  when the database is unavailable, else by Quart's 500), and rolled back instead
   when the response is an error (status 400 or more: Quart runs ``after_request`` for the
   500 of an unhandled exception too) or in ``teardown_request`` if the request failed
   before that;
@@ -117,7 +118,15 @@ class AsyncGone:
                 error = RuntimeError(f"error response {response.status_code}")
                 await scope.__aexit__(type(error), error, None)
             else:
-                await scope.__aexit__(None, None, None)  # raises what committing raises
+                try:
+                    await scope.__aexit__(None, None, None)  # rolls back if committing fails
+                except Exception as exc:
+                    # Quart sends an exception raised here to its generic 500, never to the
+                    # handlers registered for it, so answer an unavailable database here.
+                    # Nothing was sent yet: the client never sees a success that did not happen.
+                    if not is_unavailable(exc):
+                        raise
+                    return await current_app.make_response(await self.on_unavailable(exc))
         return response
 
     async def _teardown(self, exc: BaseException | None) -> None:

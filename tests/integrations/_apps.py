@@ -39,11 +39,12 @@ async def lifespan_of(app: Any) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def in_process(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """A client calling the app in this process, with its lifespan running."""
+async def in_process(app: Any, *, asgi: Any = None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client calling the app in this process, with its lifespan running; ``asgi`` is what
+    the client calls instead of the app itself (a wrapper watching it), if given."""
     async with lifespan_of(app):
         # Like a server: an unhandled error becomes the framework's 500, not a client error.
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        transport = httpx.ASGITransport(app=asgi or app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             yield client
 

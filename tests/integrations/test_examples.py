@@ -8,6 +8,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 import asyncgone
 from asyncgone.testing import MariaDBServer
@@ -47,21 +48,42 @@ def notes(server: Server) -> list[tuple[int, str]]:
     return [(int(i), str(t)) for i, t in server.query("SELECT id, text FROM notes ORDER BY id")]
 
 
+async def kill_every_connection(server: Server) -> int:
+    """KILL every client connection but the administrator's own, wait until the server has
+    dropped them, and return how many there were."""
+    threads = other_threads(server)
+    server.kill(*threads)
+    await wait_until(lambda: not set(threads) & set(other_threads(server)))
+    return len(threads)
+
+
 async def test_requests_after_every_connection_was_killed(
     app_name: str, db: asyncgone.Database, disposable: Server
 ) -> None:
-    """Scenario 1: all server-side connections killed between requests; every request after
-    succeeds."""
+    """Scenario 1: every pooled connection killed before each of several rounds of
+    concurrent requests; every request succeeds."""
     async with in_process(make_app(app_name, db)) as client:
-        for n in range(POOL):
-            assert (await client.post("/notes", json={"text": f"n{n}"})).status_code == 201
-        threads = other_threads(disposable)
-        disposable.kill(*threads)
-        await wait_until(lambda: not set(threads) & set(other_threads(disposable)))
-        for n in range(1, 2 * POOL + 1):
-            response = await client.get(f"/notes/{(n - 1) % POOL + 1}")
-            assert response.status_code == 200, response.text
-        assert (await client.post("/notes", json={"text": "after"})).status_code == 201
+        # Concurrent requests, so that the pool holds several connections to be killed.
+        written = await asyncio.gather(
+            *(client.post("/notes", json={"text": f"n{n}"}) for n in range(POOL))
+        )
+        assert [r.status_code for r in written] == [201] * POOL
+        ids = [r.json()["id"] for r in written]
+        failed: list[str] = []
+        for round_ in range(5):
+            killed = await kill_every_connection(disposable)
+            assert killed > 1, f"round {round_}: only {killed} connection(s) to kill"
+            responses = await asyncio.gather(
+                client.post("/notes", json={"text": f"after {round_}"}),
+                *(client.get(f"/notes/{note_id}") for note_id in ids),
+            )
+            failed += [
+                f"round {round_}: {r.request.method} {r.request.url.path} -> "
+                f"{r.status_code} {r.text}"
+                for r in responses
+                if r.status_code not in (200, 201)
+            ]
+        assert failed == []
 
 
 async def test_200_concurrent_requests_over_a_pool_of_5(
@@ -79,13 +101,28 @@ async def test_200_concurrent_requests_over_a_pool_of_5(
 async def test_write_is_committed_before_the_response(
     app_name: str, db: asyncgone.Database, disposable: Server
 ) -> None:
-    """Scenario 5: once the client has its 201, any other connection sees the row."""
-    async with in_process(make_app(app_name, db)) as client:
+    """Scenario 5: the row is committed before the response starts: another connection
+    sees it at the moment the app sends the status line."""
+    app = make_app(app_name, db)
+    seen_at_start: list[list[tuple[int, str]]] = []
+
+    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        # The client of an in-process transport only returns once the whole app call is
+        # over, when a commit made after the response would be done too: look at the
+        # server from inside the call, as the status line goes out.
+        async def send_and_look(message: Message) -> None:
+            if message["type"] == "http.response.start" and scope["method"] == "POST":
+                seen_at_start.append(await anyio.to_thread.run_sync(notes, disposable))
+            await send(message)
+
+        await app(scope, receive, send_and_look)
+
+    async with in_process(app, asgi=watched) as client:
         for n in range(5):
             response = await client.post("/notes", json={"text": f"w{n}"})
             assert response.status_code == 201
             note_id = response.json()["id"]
-            assert (note_id, f"w{n}") in notes(disposable)
+            assert (note_id, f"w{n}") in seen_at_start[n]
             assert (await client.get(f"/notes/{note_id}")).json()["text"] == f"w{n}"
 
 

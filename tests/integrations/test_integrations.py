@@ -1,5 +1,6 @@
 """Behaviour of the integrations beyond the example apps: error statuses roll back, a lost
-commit becomes an error response, and misuse is explained."""
+commit becomes a 503 (or the application's on_unavailable= response), and misuse is
+explained."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import pytest
 from fastapi import FastAPI, HTTPException
 from quart import Quart
+from quart.typing import ResponseReturnValue
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import asyncgone
@@ -46,12 +50,33 @@ def marks(server: Server) -> list[int]:
     return [int(row[0]) for row in server.query("SELECT id FROM marks")]
 
 
-def starlette_app(db: asyncgone.Database, endpoint: object) -> Starlette:
+def starlette_app(db: asyncgone.Database, endpoint: object, **options: Any) -> Starlette:
     return Starlette(
         routes=[Route("/", endpoint)],  # type: ignore[arg-type]
-        middleware=[Middleware(ag_starlette.DatabaseMiddleware, db=db)],
+        middleware=[Middleware(ag_starlette.DatabaseMiddleware, db=db, **options)],
         lifespan=ag_starlette.lifespan(db),
     )
+
+
+async def write_then_lose_the_connection(
+    session: AsyncSession, server: Server, mark: int, *, then_query: bool = False
+) -> None:
+    """Insert ``mark``, then KILL the session's connection on the server, so the commit
+    fails; with ``then_query``, run one more statement, so the handler itself fails."""
+    await session.execute(text(f"INSERT INTO marks VALUES ({mark})"))
+    thread = (await session.execute(text("SELECT CONNECTION_ID()"))).scalar_one()
+    await anyio.to_thread.run_sync(server.kill, thread)
+    if then_query:
+        await session.execute(text("SELECT 1"))
+
+
+#: When the database goes away: while the handler still uses it, or once it has returned
+#: and its commit is due.
+MOMENTS = ["in_the_handler", "at_commit"]
+
+
+def custom_503_body(exc: BaseException) -> dict[str, object]:
+    return {"detail": "down for maintenance", "unavailable": asyncgone.is_unavailable(exc)}
 
 
 async def test_starlette_error_status_rolls_back(
@@ -75,16 +100,38 @@ async def test_starlette_lost_commit_becomes_503(
     fails, and the client gets a 503 instead of a success that did not happen."""
 
     async def endpoint(request: Request) -> JSONResponse:
-        session = ag_starlette.get_session(request)
-        await session.execute(text("INSERT INTO marks VALUES (2)"))
-        thread = (await session.execute(text("SELECT CONNECTION_ID()"))).scalar_one()
-        await anyio.to_thread.run_sync(disposable.kill, thread)
+        await write_then_lose_the_connection(ag_starlette.get_session(request), disposable, 2)
         return JSONResponse({"ok": True}, status_code=201)
 
     async with in_process(starlette_app(db, endpoint)) as client:
         response = await client.get("/")
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "5"
+    assert marks(disposable) == []
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+async def test_starlette_on_unavailable_builds_the_response(
+    db: asyncgone.Database, disposable: Server, moment: str
+) -> None:
+    """With on_unavailable=, a database lost in the handler or at commit is answered with
+    the application's own response, and the write is not applied."""
+
+    def maintenance(exc: BaseException) -> Response:
+        return JSONResponse(custom_503_body(exc), status_code=503, headers={"Retry-After": "60"})
+
+    async def endpoint(request: Request) -> JSONResponse:
+        session = ag_starlette.get_session(request)
+        await write_then_lose_the_connection(
+            session, disposable, 5, then_query=moment == "in_the_handler"
+        )
+        return JSONResponse({"ok": True}, status_code=201)
+
+    async with in_process(starlette_app(db, endpoint, on_unavailable=maintenance)) as client:
+        response = await client.get("/")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "60"
+        assert response.json() == {"detail": "down for maintenance", "unavailable": True}
     assert marks(disposable) == []
 
 
@@ -111,6 +158,24 @@ async def test_fastapi_dependency_rolls_back_on_http_exception(
     assert marks(disposable) == []
 
 
+async def test_fastapi_lost_commit_becomes_503(db: asyncgone.Database, disposable: Server) -> None:
+    """The connection dies between the write and the return of the path operation: the
+    dependency's commit fails, and the middleware answers 503 instead of the 201."""
+    app = FastAPI(lifespan=ag_fastapi.lifespan(db))
+    app.add_middleware(ag_fastapi.DatabaseMiddleware, db=db)
+
+    @app.post("/", status_code=201)
+    async def endpoint(session: ag_fastapi.Session) -> dict[str, bool]:
+        await write_then_lose_the_connection(session, disposable, 6)
+        return {"ok": True}
+
+    async with in_process(app) as client:
+        response = await client.post("/")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+    assert marks(disposable) == []
+
+
 async def test_quart_error_status_rolls_back(db: asyncgone.Database, disposable: Server) -> None:
     """A view that writes and answers 409 has its write rolled back."""
     app = Quart(__name__)
@@ -123,6 +188,52 @@ async def test_quart_error_status_rolls_back(db: asyncgone.Database, disposable:
 
     async with in_process(app) as client:
         assert (await client.post("/")).status_code == 409
+    assert marks(disposable) == []
+
+
+async def test_quart_lost_commit_becomes_503(db: asyncgone.Database, disposable: Server) -> None:
+    """The connection dies between the write and the response: the commit in after_request
+    fails, and the client gets a 503, not Quart's 500 nor a success that did not happen."""
+    app = Quart(__name__)
+    ag_quart.AsyncGone(app, db)
+
+    @app.post("/")
+    async def endpoint() -> tuple[dict[str, bool], int]:
+        await write_then_lose_the_connection(ag_quart.session(), disposable, 7)
+        return {"ok": True}, 201
+
+    async with in_process(app) as client:
+        response = await client.post("/")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+    assert marks(disposable) == []
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+async def test_quart_on_unavailable_builds_the_response(
+    db: asyncgone.Database, disposable: Server, moment: str
+) -> None:
+    """With on_unavailable=, a database lost in the view or at commit is answered with the
+    application's own response, and the write is not applied."""
+
+    async def maintenance(exc: BaseException) -> ResponseReturnValue:
+        return custom_503_body(exc), 503, {"Retry-After": "60"}
+
+    app = Quart(__name__)
+    ag_quart.AsyncGone(app, db, on_unavailable=maintenance)
+
+    @app.post("/")
+    async def endpoint() -> tuple[dict[str, bool], int]:
+        await write_then_lose_the_connection(
+            ag_quart.session(), disposable, 8, then_query=moment == "in_the_handler"
+        )
+        return {"ok": True}, 201
+
+    async with in_process(app) as client:
+        response = await client.post("/")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "60"
+        assert response.json() == {"detail": "down for maintenance", "unavailable": True}
     assert marks(disposable) == []
 
 
