@@ -10,6 +10,7 @@ package, and these tests sit in your test suite.
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
@@ -93,6 +94,6 @@ async def test_survives_a_server_restart(asyncgone_mariadb):
         await db.run(lambda s: s.execute(text(SCHEMA)))
         service = UserService(db)
         await service.register("edsger")
-        asyncgone_mariadb.restart()
-        await service.register("donald")
-        assert await service.total() >= 2
+        await anyio.to_thread.run_sync(asyncgone_mariadb.restart)
+        await service.register("donald")  # the next unit of work just works
+        assert await service.total() == 2
