@@ -3,7 +3,8 @@
 It hangs on documented SQLAlchemy hooks:
 
 - pool ``connect``: configure the socket, ask the server for this connection's
-  ``wait_timeout``, and give the connection its own (jittered) expiry;
+  ``wait_timeout`` (for its idle limit and the keepalive's interval), and give the
+  connection its own (jittered) expiry;
 - pool ``checkout``: a cheap predicate decides whether the connection is still usable;
   raising ``DisconnectionError`` makes the pool replace that connection alone;
 - pool ``checkin``: start the idle clock;
@@ -70,8 +71,8 @@ log = logging.getLogger("asyncgone")
 _STATE_KEY = "asyncgone"
 
 #: Set (to the keepalive interval) while the keepalive borrows connections: checkout then
-#: pings a connection idle that long, and replaces one that would expire before the next
-#: keepalive round.
+#: pings a connection idle that long, replaces one that would expire before the next
+#: keepalive round, and counts its replacements as the keepalive's.
 KEEPALIVE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "asyncgone_keepalive", default=None
 )
@@ -170,7 +171,7 @@ class ConnectionPolicy:
     ) -> None:
         self.options = options
         self.counters = counters
-        self._connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout
         # Unless the user chose a pool_reset_on_return, the pool sends no reset of its own
         # and on_reset decides whether the ROLLBACK is needed.
         self._owns_reset = reset_on_return is _OURS
@@ -183,13 +184,16 @@ class ConnectionPolicy:
         # own pool invalidation uses "now", which also discards the healthy replacements
         # opened while the failure was being discovered; asyncgone cuts at the first sign.
         self._invalid_before = -math.inf
-        self.smallest_idle_limit = math.inf  # over every connection opened so far
+        # The shortest idle time, over every connection opened so far, that the keepalive's
+        # automatic interval must stay under: its idle limit, and its server's wait_timeout
+        # (less a margin) even when the idle limit is off.
+        self.smallest_idle_limit = math.inf
 
     def install(self, engine: Engine) -> None:
         """Attach the listeners to a (sync) engine and its pool."""
         # A NullPool never reuses a connection, so idle limits and checks have nothing to do.
         self._read_facts = not isinstance(engine.pool, NullPool)
-        self._connector = _drivers.bounded_connector(engine.dialect.driver, self._connect_timeout)
+        self._connector = _drivers.bounded_connector(engine.dialect.driver, self.connect_timeout)
         event.listen(engine, "do_connect", self.on_do_connect)
         event.listen(engine, "connect", self.on_connect)
         event.listen(engine, "checkout", self.on_checkout)
@@ -219,12 +223,20 @@ class ConnectionPolicy:
             apply_tcp_keepalive(_drivers.transport_socket(conn), options.tcp_keepalive)
         recycle = options.recycle
         idle_limit = math.inf if recycle is None or recycle == "auto" else float(recycle)
-        if self._read_facts and (recycle is not None or self._pool_recycle is not None):
+        server_limit = math.inf
+        # One query serves the idle limit, the recycle warning and the automatic keepalive
+        # interval; with none of them wanted, the connect costs no extra round trip.
+        if self._read_facts and (
+            recycle is not None
+            or self._pool_recycle is not None
+            or options.keepalive_interval == "auto"
+        ):
             facts = _await(read_facts(conn, options.ping_timeout))
+            server_limit = auto_idle_limit(facts.wait_timeout)
             if recycle == "auto":
-                idle_limit = auto_idle_limit(facts.wait_timeout)
+                idle_limit = server_limit
             self._warn_about_recycle(facts.wait_timeout)
-        self.smallest_idle_limit = min(self.smallest_idle_limit, idle_limit)
+        self.smallest_idle_limit = min(self.smallest_idle_limit, idle_limit, server_limit)
         now = time.monotonic()
         record.info[_STATE_KEY] = _ConnState(
             now, lifetime_deadline(now, options.max_lifetime), idle_limit
@@ -248,7 +260,7 @@ class ConnectionPolicy:
         conn = dbapi_connection.driver_connection
         reason = self._verdict(conn, state, now, now - state.last_activity, keepalive)
         if reason is not None:
-            self._replace(conn, reason, now)
+            self._replace(conn, reason, now, keepalive is not None)
 
     def on_reset(self, dbapi_connection: Any, record: ConnectionPoolEntry, reset: Any) -> None:
         """Return a connection to the pool: ROLLBACK only if a transaction may be open.
@@ -295,6 +307,12 @@ class ConnectionPolicy:
             if state.leak_timer is not None:
                 state.leak_timer.cancel()
                 state.leak_timer = None
+
+    def mark_pooled(self, record: ConnectionPoolEntry) -> None:
+        """Make a connection's next checkout check it: it waits in the pool from now on."""
+        state: _ConnState | None = record.info.get(_STATE_KEY)
+        if state is not None:
+            state.fresh = False
 
     def on_close(self, dbapi_connection: Any, record: ConnectionPoolEntry | None = None) -> None:
         """Drop a dead connection's socket, so closing it sends nothing and logs no error."""
@@ -379,16 +397,19 @@ class ConnectionPolicy:
         state.last_activity = time.monotonic()
         return None
 
-    def _replace(self, conn: Any, reason: Reason, now: float) -> None:
-        self.counters.replaced[reason] += 1
+    def _replace(self, conn: Any, reason: Reason, now: float, keepalive: bool) -> None:
+        # A replacement in the background counts as the keepalive's (no user waited for
+        # it); its cause stays in the log line, and in the handling below.
+        self.counters.replaced[Reason.KEEPALIVE if keepalive else reason] += 1
         thread = _drivers.thread_id(conn)
+        who = "the keepalive is " if keepalive else ""
         if reason not in _DEAD:
             if _drivers.is_closed(conn):
                 _drivers.abort(conn)
             # Routine: INFO, not a warning. Replacements in the wake of a pool invalidation
             # were announced by that invalidation's own line.
             level = logging.DEBUG if reason is Reason.POOL_INVALIDATED else logging.INFO
-            log.log(level, "retiring connection %s: %s", thread, reason.value)
+            log.log(level, "%sretiring connection %s: %s", who, thread, reason.value)
             raise DisconnectionError(f"asyncgone retired the connection: {reason.value}")
         # Close the socket now: SQLAlchemy's close afterwards then has nothing to wait for on
         # a network path that may not answer.
@@ -397,7 +418,7 @@ class ConnectionPolicy:
         if cutoff is not None:
             self._invalidate_pool(cutoff, "several connections found dead together")
         else:
-            log.warning("replacing connection %s: %s", thread, reason.value)
+            log.warning("%sreplacing connection %s: %s", who, thread, reason.value)
         raise DisconnectionError(f"asyncgone found the connection dead: {reason.value}")
 
     def _invalidate_pool(self, cutoff: float, why: str) -> None:

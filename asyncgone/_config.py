@@ -128,7 +128,8 @@ class EngineOptions:
       ``Database(keepalive=True)``) pings a connection; ``"auto"`` derives it.
     - ``network_idle_limit``: seconds of silence after which the network between client and
       server may forget a connection (load balancer, NAT); the keepalive stays below it.
-    - ``min_idle``: connections the keepalive keeps open while the engine is idle.
+    - ``min_idle``: connections the keepalive keeps open while the engine is idle (at most
+      ``pool_size``).
     - ``leak_threshold``: seconds a connection may stay checked out before asyncgone logs a
       warning with the stack that acquired it (``None``, the default, turns this off: it
       costs a stack capture per checkout).

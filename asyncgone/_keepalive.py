@@ -9,7 +9,9 @@ request that arrives after hours of idleness finds live connections and pays no 
 
 User demand wins. The keepalive holds one connection at a time, only while another idle
 one stays available for users (the last idle one only while nothing at all is checked
-out), and never waits for the pool: with the pool exhausted it does nothing.
+out), and never waits for the pool: with the pool exhausted it does nothing. ``min_idle``
+connections are opened straight into the pool while the engine is idle, one at a time and
+within the pool's size, without holding any other connection meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import greenlet_spawn
 
 from ._checkout import KEEPALIVE, ConnectionPolicy, policy_for
 from ._errors import ConfigurationError, describe
@@ -31,7 +34,14 @@ __all__ = ["Keepalive", "keepalive"]
 
 log = logging.getLogger("asyncgone")
 
-_STOP_TIMEOUT = 10.0  # bound on stopping: the round in progress finishes its pings first
+_STOP_TIMEOUT = 10.0  # bound on stopping: the visit or opening in progress finishes first
+
+# A visit (a ping, perhaps a replacement) or an opening for min_idle runs to its end even
+# when the keepalive is stopped meanwhile: cut short, it would cost the pool that connection
+# (an interrupted ping leaves its stream unusable) or strand a half-configured one. Each is
+# bounded by the timeouts of what it may do, plus this for SQLAlchemy's own work (the
+# first-connect initialisation, closing a replaced connection).
+_SLACK = 5.0
 
 
 def _policy(engine: AsyncEngine) -> ConnectionPolicy:
@@ -129,27 +139,72 @@ class Keepalive:
 
     async def _visit(self, pool: QueuePool) -> int:
         """Borrow idle connections one at a time: the checkout listener checks each."""
+        policy = self._policy
+        # A ping, or a replacement: closing the old connection, opening and configuring a
+        # new one.
+        bound = 2 * policy.options.ping_timeout + policy.connect_timeout + _SLACK
         seen: set[int] = set()
         for _ in range(pool.checkedin()):
-            if not _may_borrow(pool):
+            record = await finish(self._borrow(pool), bound, "a keepalive visit")
+            if record is None:
                 break  # users need what is left
-            async with self.engine.connect() as conn:
-                record = id((await conn.get_raw_connection()).info)
             if record in seen:
                 break  # a LIFO pool hands the same connection back: the rest stay untouched
             seen.add(record)
             self._counters.keepalive_visits += 1
         return len(seen)
 
+    async def _borrow(self, pool: QueuePool) -> int | None:
+        """Check out one idle connection and return it (which checks it), if users can spare
+        one; return its record's identity."""
+        # No await between this test and the checkout: no user can take the idle
+        # connection in between, so the pool hands one over at once and the keepalive never
+        # queues for it. (SQLAlchemy before 2.0.55 on Python before 3.12 lets the loop run
+        # once inside a checkout from a pool at its size limit; users whose checkouts
+        # started in that same iteration may still come first.)
+        if not _may_borrow(pool):
+            return None
+        async with self.engine.connect() as conn:
+            return id((await conn.get_raw_connection()).info)
+
     async def _warm_up(self, pool: QueuePool) -> None:
-        """While the engine is idle, open connections up to ``min_idle``."""
-        missing = min(self._min_idle, pool.size()) - pool.checkedin()
-        if missing <= 0 or pool.checkedout() > 0:
-            return
-        async with contextlib.AsyncExitStack() as stack:
-            # Held together, so that the pool opens new ones instead of reusing.
-            for _ in range(pool.checkedin() + missing):
-                await stack.enter_async_context(self.engine.connect())
+        """While the engine is idle, open connections up to ``min_idle`` (at most the pool's
+        size), one at a time, straight into the pool.
+
+        A checkout would return an idle connection rather than open one, so the pool is
+        filled directly: no idle connection is held meanwhile, and nothing waits for the
+        pool. A user arriving during a connect takes an idle connection as usual (or, with
+        none left, gets this one when it is ready, or opens their own), and stops the
+        warm-up: it resumes once the engine is idle again.
+        """
+        target = min(self._min_idle, pool.size())
+        # Connecting, then the server-facts query.
+        bound = self._policy.connect_timeout + self._policy.options.ping_timeout + _SLACK
+        while pool.checkedin() < target and pool.checkedout() == 0:
+            opening = greenlet_spawn(_open_idle, pool, self._policy)
+            if not await finish(opening, bound, "opening a connection for min_idle"):
+                break
+
+
+def _open_idle(pool: QueuePool, policy: ConnectionPolicy) -> bool:
+    """Open one connection and put it in the pool's idle queue; False if the pool is full.
+
+    Runs in SQLAlchemy's greenlet. QueuePool has no public call for this, so it does what a
+    checkout that opens a connection does, then what returning it does: take a slot (its
+    ``_inc_overflow()`` refuses beyond pool_size + max_overflow), open the connection
+    (which fires the connect events), and hand it to the idle queue, which gives it at once
+    to a user waiting for a connection, or closes it and frees the slot if the queue is full.
+    """
+    if not pool._inc_overflow():
+        return False
+    try:
+        record = pool._create_connection()
+    except BaseException:
+        pool._dec_overflow()
+        raise
+    policy.mark_pooled(record)
+    pool._do_return_conn(record)
+    return True
 
 
 def _may_borrow(pool: QueuePool) -> bool:
@@ -199,8 +254,8 @@ def keepalive(
         interval: idle seconds after which a connection is pinged; defaults to the engine's
             ``keepalive_interval`` ("auto": half the shorter of the server's idle limit and
             ``network_idle_limit``).
-        min_idle: idle connections to keep open while the engine is idle (default: the
-            engine's ``min_idle``, 0).
+        min_idle: idle connections to keep open while the engine is idle, at most
+            ``pool_size`` (default: the engine's ``min_idle``, 0).
 
     The task stops when the block exits, also on error or cancellation; it never keeps the
     event loop alive, and a failed round is logged and counted, not fatal.

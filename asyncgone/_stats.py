@@ -35,6 +35,9 @@ class Reason(str, enum.Enum):
     POOL_INVALIDATED = "pool_invalidated"  # opened before a server-wide failure was seen
     ERROR = "error"  # a disconnect error while the connection was in use
     CANCELLED = "cancelled"  # a cancellation interrupted it mid-I/O: its stream is unusable
+    # Replaced in the background by the keepalive, for any of the reasons above (its log
+    # line names which): no user paid for it.
+    KEEPALIVE = "keepalive"
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,13 +92,15 @@ class Stats:
       round trip saved over SQLAlchemy's default.
     - ``keepalive_runs``, ``keepalive_visits``, ``keepalive_pings``, ``keepalive_errors``:
       rounds of the keepalive task, connections it borrowed, the pings among ``pings`` it
-      sent, and rounds that failed.
+      sent, and rounds that failed. The connections it replaced are ``replaced["keepalive"]``.
     - ``replays``: units of work ``Database.run()`` ran again after a safe failure.
     - ``commit_outcome_unknown``: ``CommitOutcomeUnknown`` raised by ``Database.run()``.
     - ``unavailable``: ``DatabaseUnavailable`` raised by ``Database.run()``.
     - ``leaks``: connections held longer than ``leak_threshold`` (each logged with the stack
       that acquired it).
-    - ``replaced``: connections replaced, by reason (``Reason`` values as keys).
+    - ``replaced``: connections replaced, by reason (``Reason`` values as keys); those the
+      keepalive replaced in the background count under ``"keepalive"`` whatever the cause
+      (the log line for each names it), the others under their cause.
     - ``errors``: disconnect errors met while connections were in use, by MySQL error code
       (0 for errors without one, such as uvloop's closed-transport ``RuntimeError``).
     """

@@ -4,6 +4,7 @@ nonsense."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import asyncgone
 from asyncgone import ConfigurationError
-from asyncgone.testing import MariaDBServer
-from tests._support import Server, eventually, warm
+from asyncgone._server import auto_idle_limit
+from asyncgone.testing import FaultProxy, MariaDBServer
+from tests._support import Server, delta, eventually, warm
 
 pytestmark = pytest.mark.anyio
 
@@ -55,6 +57,29 @@ async def test_stops_when_the_block_is_cancelled(url: str) -> None:
         await engine.dispose()
 
 
+async def test_stopping_during_a_ping_costs_no_connection(url: str) -> None:
+    """A keepalive stopped while its ping is on a slow network lets that ping finish: the
+    connection goes back to the pool alive, and the next requests open nothing."""
+    with FaultProxy.for_url(url) as proxy:
+        engine = asyncgone.create_engine(proxy.url, pool_size=2)
+        try:
+            await warm(engine, 2)
+            keepalive = await asyncgone.keepalive(engine, interval=0.2).start()
+            try:
+                proxy.set_latency(0.3)  # each way: a ping takes 0.6 s
+                await eventually(lambda: asyncgone.stats(engine).keepalive_pings > 0)
+            finally:
+                await keepalive.stop()
+            proxy.set_latency(0)
+            pool = engine.sync_engine.pool
+            assert (pool.checkedin(), pool.checkedout()) == (2, 0)  # type: ignore[attr-defined]
+            await warm(engine, 2)
+            stats = asyncgone.stats(engine)
+            assert (stats.connects, stats.ping_failures, stats.replaced) == (2, 0, {})
+        finally:
+            await engine.dispose()
+
+
 async def test_auto_interval_follows_the_server_and_network_limits(url: str) -> None:
     """ "auto" is half the shorter of the smallest idle limit and network_idle_limit."""
     short = asyncgone.create_engine(
@@ -69,6 +94,44 @@ async def test_auto_interval_follows_the_server_and_network_limits(url: str) -> 
     finally:
         await short.dispose()
         await long.dispose()
+
+
+async def test_auto_interval_follows_wait_timeout_with_the_idle_limit_off(url: str) -> None:
+    """With recycle=None, "auto" still follows the server's wait_timeout, though the
+    connections get no idle limit."""
+    init = {"init_command": "SET SESSION wait_timeout=4"}
+    engine = asyncgone.create_engine(url, recycle=None, connect_args=init)
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.get_raw_connection()).info["asyncgone"].idle_limit == math.inf
+        assert asyncgone.keepalive(engine).interval == pytest.approx(auto_idle_limit(4) / 2)
+    finally:
+        await engine.dispose()
+
+
+async def test_wait_timeout_is_read_in_one_query_and_only_when_needed(
+    disposable: Server, driver: str
+) -> None:
+    """A new connection asks the server for its wait_timeout in one query, shared by the idle
+    limit and the automatic keepalive interval, and not at all when neither needs it."""
+
+    async def connect_cost(**options: object) -> int:
+        engine = asyncgone.create_engine(disposable.url(driver), pool_size=2, **options)
+        try:
+            # The dialect's first-connect queries go with the first connection: not counted.
+            async with engine.connect():
+                before = disposable.status()
+                async with engine.connect():
+                    pass
+                counts = delta(before, disposable.status())
+            assert counts["Connections"] == 1
+            return counts["Questions"]
+        finally:
+            await engine.dispose()
+
+    neither = await connect_cost(recycle=None, keepalive_interval=60)
+    assert await connect_cost() == neither + 1  # recycle and interval "auto": one query
+    assert await connect_cost(recycle=None) == neither + 1  # for the interval alone
 
 
 async def test_failed_rounds_are_counted_and_the_task_carries_on(
