@@ -99,6 +99,13 @@ def disposable(disposable_server: MariaDBServer) -> Server:
     return server
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what importing and collecting created out of the collector's way: the full
+    collection after every test then walks only what tests made (~50 ms less per test)."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _stranded_connections_fail_their_test(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Collect garbage after every test, so a connection the pool lost track of is reported
