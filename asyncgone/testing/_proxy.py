@@ -60,6 +60,8 @@ class FaultProxy:
                                           # the server gets it (it never executes)
             proxy.cut_on(b"COMMIT", deliver=True)   # ... after the server got it: it runs,
                                           # but its answer is lost with the connection
+            proxy.send_to_clients(FaultProxy.error_packet(4031, "..."))   # unsolicited bytes
+                                          # from the "server", connections left open
             proxy.set_latency(0.2)        # delay every chunk, both directions, by 200 ms
             proxy.reject()                # stop listening: new connections are refused
             proxy.restore()               # undo reject, latency and blackhole for new connections
@@ -211,6 +213,25 @@ class FaultProxy:
             raise ValueError(f"marker must be non-empty bytes, got {marker!r}")
         self._call(self._arm(marker, deliver))
 
+    def send_to_clients(self, data: bytes) -> int:
+        """Write ``data`` to the client side of every open connection, as if the server had
+        sent it unasked, and keep the connections open; return how many got it.
+
+        For example MySQL's 4031 error packet, which MySQL 8.0.24+ sends to a connection
+        idle past ``wait_timeout`` (see ``FaultProxy.error_packet``).
+        """
+        if not isinstance(data, bytes) or not data:
+            raise ValueError(f"data must be non-empty bytes, got {data!r}")
+        return self._call(self._send_to_clients(data))
+
+    @staticmethod
+    def error_packet(code: int, message: str, *, sqlstate: str = "HY000", seq: int = 0) -> bytes:
+        """Build a MySQL ERR packet, e.g. ``error_packet(4031, "The client was
+        disconnected by the server because of inactivity.")``."""
+        payload = b"\xff" + struct.pack("<H", code) + b"#" + sqlstate.encode()[:5]
+        payload += message.encode()
+        return struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload
+
     def set_latency(self, seconds: float) -> None:
         """Delay every chunk forwarded in either direction by ``seconds``."""
         if seconds < 0:
@@ -271,6 +292,15 @@ class FaultProxy:
         for link in links:
             link.reset()
         self._links.clear()
+        return len(links)
+
+    async def _send_to_clients(self, data: bytes) -> int:
+        links = list(self._links)
+        for link in links:
+            link.client.write(data)
+        for link in links:
+            with contextlib.suppress(OSError, RuntimeError):
+                await link.client.drain()
         return len(links)
 
     async def _blackhole(self, include_new: bool) -> int:

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import asyncgone
 from asyncgone._server import auto_idle_limit
+from asyncgone.testing import FaultProxy
 from tests._support import (
     Server,
     connection_id,
@@ -19,6 +20,11 @@ from tests._support import (
 )
 
 pytestmark = pytest.mark.anyio
+
+
+INACTIVITY_4031 = FaultProxy.error_packet(
+    4031, "The client was disconnected by the server because of inactivity.", seq=0
+)
 
 
 def short_wait_timeout(seconds: int) -> dict[str, object]:
@@ -42,6 +48,26 @@ async def test_server_closed_idle_connection_is_replaced_without_error(
         assert stats.pings == 0
     finally:
         await engine.dispose()
+
+
+async def test_unsolicited_error_packet_is_spotted_while_the_socket_is_open(url: str) -> None:
+    """MySQL 8's 4031 (sent to a connection idle past wait_timeout) waiting unread on still
+    open sockets: those idle connections are replaced at checkout, 0 errors, no ping."""
+    with FaultProxy.for_url(url) as proxy:
+        engine = asyncgone.create_engine(proxy.url, recycle=None, pool_size=2)
+        try:
+            ids = await warm(engine, 2)
+            assert proxy.send_to_clients(INACTIVITY_4031) == 2
+            await anyio.sleep(0.2)  # the packets are in; the proxy keeps the sockets open
+            with count_errors(engine) as errors:
+                again = await warm(engine, 2)
+            assert errors == []
+            assert not set(ids) & set(again)
+            stats = asyncgone.stats(engine)
+            assert stats.pings == 0
+            assert sum(stats.replaced.values()) == 2
+        finally:
+            await engine.dispose()
 
 
 async def test_idle_limit_follows_the_session_wait_timeout(url: str) -> None:
