@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -13,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 import asyncgone
 from asyncgone.testing import MariaDBServer
 from tests._support import Server, eventually, wait_until
-from tests.integrations._apps import APPS, in_process, make_app, served
+from tests.integrations._apps import APPS, free_port, in_process, make_app, served
 
 pytestmark = pytest.mark.anyio
 
@@ -207,3 +213,64 @@ def waiting_updates(server: Server) -> int:
         "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE notes%'"
     )
     return int(n)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def documented_commands() -> list[str]:
+    """The ``DATABASE_URL=... uvicorn|hypercorn examples.X:app`` lines of the frameworks page."""
+    page = (ROOT / "docs" / "frameworks.md").read_text()
+    serve = r"^\$ (DATABASE_URL=\S+ (?:uvicorn|hypercorn) examples\.\w+:app)$"
+    return re.findall(serve, page, re.MULTILINE)
+
+
+def test_the_frameworks_page_documents_one_command_per_example() -> None:
+    """The page shows how to serve each of the three example applications."""
+    commands = documented_commands()
+    assert [c.split()[-1] for c in commands] == [f"examples.{name}:app" for name in APPS]
+
+
+@pytest.mark.parametrize("command", documented_commands(), ids=APPS)
+async def test_documented_command_serves_the_example(
+    command: str, disposable: Server, tmp_path: Path
+) -> None:
+    """Each documented command, run as written (only the URL points at the test server and a
+    free port is added), serves its example: a note written, then read back."""
+    disposable.query("DROP TABLE IF EXISTS notes")
+    assignment, *argv = shlex.split(command)
+    assert assignment.startswith("DATABASE_URL=")
+    port = free_port()
+    argv += ["--port", str(port)] if argv[0] == "uvicorn" else ["--bind", f"127.0.0.1:{port}"]
+    argv[0] = str(Path(sys.executable).with_name(argv[0]))  # this environment's server
+    env = {**os.environ, "DATABASE_URL": disposable.url("asyncmy")}
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        process = await anyio.open_process(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            response = None
+            with anyio.fail_after(30):
+                while response is None and process.returncode is None:
+                    try:
+                        response = await client.post("/notes", json={"text": "as documented"})
+                    except httpx.TransportError:
+                        await anyio.sleep(0.1)
+            assert response is not None, log.read_text()
+            assert response.status_code == 201
+            note = response.json()["id"]
+            assert (await client.get(f"/notes/{note}")).json() == {
+                "id": note,
+                "text": "as documented",
+            }
+    finally:
+        process.send_signal(signal.SIGINT)
+        with anyio.move_on_after(15):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+    output = log.read_text()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
