@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import pytest
 from fastapi import FastAPI, HTTPException
@@ -29,7 +30,7 @@ from asyncgone.integrations import fastapi as ag_fastapi
 from asyncgone.integrations import quart as ag_quart
 from asyncgone.integrations import starlette as ag_starlette
 from tests._support import Server
-from tests.integrations._apps import in_process
+from tests.integrations._apps import in_process, lifespan_of
 
 pytestmark = pytest.mark.anyio
 
@@ -265,3 +266,77 @@ def test_script_example_runs_without_warnings(shared: Server) -> None:
     assert result.returncode == 0, result.stderr
     assert "2 rows written and read back in one transaction" in result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("cancel_on_disconnect", [True, False])
+async def test_starlette_client_leaving_before_the_response(
+    db: asyncgone.Database, disposable: Server, cancel_on_disconnect: bool
+) -> None:
+    """A client that hangs up while the endpoint works: by default the endpoint is cancelled
+    and its write rolled back; with cancel_on_disconnect=False it runs to the end and its
+    write is committed."""
+    finished = anyio.Event()
+
+    async def slow_write(request: Request) -> Response:
+        session = ag_starlette.get_session(request)
+        await session.execute(text("INSERT INTO marks VALUES (7)"))
+        await anyio.sleep(0.5)  # the client leaves meanwhile
+        finished.set()
+        return JSONResponse({"ok": True})
+
+    app = starlette_app(db, slow_write, cancel_on_disconnect=cancel_on_disconnect)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("app", 80),
+    }
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep(0.1)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with lifespan_of(app):
+        with anyio.fail_after(10):
+            await app(scope, receive, send)
+    assert finished.is_set() is not cancel_on_disconnect
+    assert marks(disposable) == ([] if cancel_on_disconnect else [7])
+
+
+async def test_starlette_lifespan_state_and_readiness_from_the_app(
+    db: asyncgone.Database,
+) -> None:
+    """lifespan() puts the Database on app.state (under state_key), readiness() without a
+    Database finds it there, and the Database is closed when the app shuts down."""
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"same": request.app.state.database is db})
+
+    app = Starlette(
+        routes=[Route("/", ok), Route("/ready", ag_starlette.readiness())],
+        lifespan=ag_starlette.lifespan(db, state_key="database"),
+    )
+    async with in_process(app) as client:
+        assert (await client.get("/")).json() == {"same": True}
+        app.state.db = db  # readiness() without an argument reads app.state.db
+        ready = await client.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json()["ok"] is True
+    with pytest.raises(asyncgone.AsyncGoneError):
+        db.engine  # noqa: B018  (closed with the app)
