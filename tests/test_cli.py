@@ -300,3 +300,40 @@ def test_demo_reports_a_disposable_server_that_does_not_start(read_only_tmpdir: 
     assert "pass the URL of a running one" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(read_only_tmpdir.iterdir()) == []
+
+
+def documented_doctor_sample() -> list[str]:
+    """The output lines of the `asyncgone doctor` console sample on the observability page."""
+    page = (Path(__file__).parents[1] / "docs" / "observability.md").read_text()
+    match = re.search(r"```console\n\$ asyncgone doctor \S+\n(.*?)```", page, re.DOTALL)
+    assert match is not None, "the observability page lost its doctor sample"
+    return match.group(1).splitlines()
+
+
+def test_documented_doctor_sample_matches_the_console_script(shared: Server) -> None:
+    """The installed `asyncgone` command prints what the observability page shows: the same
+    labels, sections and value shapes, line by line (values differ from server to server)."""
+    url = shared.url("asyncmy")
+    with shared.admin():  # one sleeping connection, so that section is printed too
+        time.sleep(1.1)
+        script = Path(sys.executable).with_name("asyncgone")
+        result = subprocess.run(
+            [str(script), "doctor", url], capture_output=True, text=True, timeout=60, check=False
+        )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    assert printed[0] == f"asyncgone doctor: {url}"
+    digits = re.compile(r"\d+(\.\d+)?")
+    for line in documented_doctor_sample()[1:]:
+        if line.strip() in ("...", "") or line.startswith("        "):
+            continue  # elided lines and the rows of the sleeping-connections table
+        label = re.split(r" {2,}|(?<=:)$", line.rstrip(), maxsplit=1)[0]
+        if line.lstrip().startswith("- "):  # advice: the first words of each piece of advice
+            indent = line[: len(line) - len(line.lstrip())]
+            label = indent + " ".join(line.split()[:5])
+        shape = digits.sub("N", line.rstrip().removesuffix(" ..."))
+        assert any(p.startswith(label) for p in printed), f"no {label!r} line in:\n{result.stdout}"
+        if not line.rstrip().endswith("..."):
+            assert any(digits.sub("N", p) == shape for p in printed), (
+                f"the page shows {line!r}, the command prints nothing shaped like it"
+            )
