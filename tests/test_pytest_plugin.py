@@ -86,12 +86,12 @@ async def test_sees_nothing_of_the_previous_test(asyncgone_session):
 
 @pytest.mark.parametrize("loop", list(LOOPS))
 def test_session_rolls_back_even_committed_work(
-    pytester: pytest.Pytester, shared: Server, loop: str
+    pytester: pytest.Pytester, shared: Server, loop: str, driver: str
 ) -> None:
     """A test's commits are savepoints of an outer transaction rolled back after it."""
     shared.query("CREATE TABLE IF NOT EXISTS ag_plugin_rows (id INT PRIMARY KEY)")
     shared.query("DELETE FROM ag_plugin_rows")
-    result = run(pytester, loop, SESSION_TESTS, f"--asyncgone-url={shared.url('aiomysql')}")
+    result = run(pytester, loop, SESSION_TESTS, f"--asyncgone-url={shared.url(driver)}")
     result.assert_outcomes(passed=2)
     assert shared.query("SELECT COUNT(*) FROM ag_plugin_rows") == [(0,)]
 
@@ -128,10 +128,10 @@ async def test_blackhole_then_fresh_connection(asyncgone_proxy, asyncgone_proxy_
 
 @pytest.mark.parametrize("loop", list(LOOPS))
 def test_proxy_injects_faults_into_app_code(
-    pytester: pytest.Pytester, shared: Server, loop: str
+    pytester: pytest.Pytester, shared: Server, loop: str, driver: str
 ) -> None:
     """Cuts and blackholes reach the code under test through the proxied engine."""
-    result = run(pytester, loop, PROXY_TESTS, f"--asyncgone-url={shared.url('asyncmy')}")
+    result = run(pytester, loop, PROXY_TESTS, f"--asyncgone-url={shared.url(driver)}")
     result.assert_outcomes(passed=2)
 
 
