@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 import asyncgone
@@ -47,6 +47,18 @@ def open_transactions(server: Server, thread: int) -> int:
 
 def rows(server: Server) -> list[int]:
     return [int(r[0]) for r in server.query("SELECT id FROM ag_reset ORDER BY id")]
+
+
+async def driver_cursor_after_commit(conn: AsyncConnection) -> tuple[Any, Any]:
+    """COMMIT through SQLAlchemy, then return the driver's connection and a cursor of its
+    own, whose statements SQLAlchemy never sees."""
+    await conn.execute(text("SELECT 1"))
+    await conn.commit()
+    raw = (await conn.get_raw_connection()).driver_connection
+    cursor = raw.cursor()
+    if asyncio.iscoroutine(cursor) or hasattr(cursor, "__await__"):
+        cursor = await cursor
+    return raw, cursor
 
 
 def resets(engine: AsyncEngine) -> tuple[int, int]:
@@ -243,12 +255,7 @@ async def test_failed_raw_driver_statement_after_commit_is_rolled_back(
     thread = await thread_of(engine)
     before = resets(engine)
     async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-        await conn.commit()
-        raw = (await conn.get_raw_connection()).driver_connection
-        cursor = raw.cursor()
-        if asyncio.iscoroutine(cursor) or hasattr(cursor, "__await__"):
-            cursor = await cursor
+        raw, cursor = await driver_cursor_after_commit(conn)
         with pytest.raises(raw.IntegrityError):
             await cursor.execute(statement)
         await cursor.close()
@@ -341,12 +348,7 @@ async def test_raw_driver_use_after_commit_is_rolled_back(
     thread = await thread_of(engine)
     before = resets(engine)
     async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-        await conn.commit()
-        raw = (await conn.get_raw_connection()).driver_connection
-        cursor = raw.cursor()
-        if asyncio.iscoroutine(cursor) or hasattr(cursor, "__await__"):
-            cursor = await cursor
+        _, cursor = await driver_cursor_after_commit(conn)
         await cursor.execute(statement)
         await cursor.fetchall()
         await cursor.close()
