@@ -25,7 +25,7 @@ from ._errors import error_code
 from ._stats import Counters
 from ._waits import bounded, finish
 
-__all__ = ["StatementKiller", "drain"]
+__all__ = ["StatementKiller", "drain", "drain_and_dispose"]
 
 log = logging.getLogger("asyncgone")
 
@@ -108,3 +108,18 @@ async def drain(engine: AsyncEngine | Engine, timeout: float) -> None:
     killer = _KILLERS.get(sync)
     if killer is not None:
         await killer.drain(timeout)
+
+
+async def drain_and_dispose(engine: AsyncEngine, timeout: float) -> None:
+    """Dispose ``engine`` once its pending KILL QUERYs went out: each step at most
+    ``timeout`` seconds and completed even under cancellation (re-raised afterwards).
+
+    Disposing first would cancel them, leaving the statements running on the server (a
+    script that ends right after a cancellation, an application shutting down).
+    """
+    try:
+        await drain(engine, timeout)
+    except TimeoutError:
+        log.warning("KILL QUERY still pending after %s s; disposing the engine anyway", timeout)
+    finally:
+        await finish(engine.dispose(), timeout, "engine dispose")

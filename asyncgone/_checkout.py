@@ -308,12 +308,6 @@ class ConnectionPolicy:
                 state.leak_timer.cancel()
                 state.leak_timer = None
 
-    def mark_pooled(self, record: ConnectionPoolEntry) -> None:
-        """Make a connection's next checkout check it: it waits in the pool from now on."""
-        state: _ConnState | None = record.info.get(_STATE_KEY)
-        if state is not None:
-            state.fresh = False
-
     def on_close(self, dbapi_connection: Any, record: ConnectionPoolEntry | None = None) -> None:
         """Drop a dead connection's socket, so closing it sends nothing and logs no error."""
         if dbapi_connection is None:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import QueuePool
 
-from ._cancel import drain
+from ._cancel import drain_and_dispose
 from ._engine import create_engine, split_options
 from ._errors import (
     DEFAULT_RETRY_CODES,
@@ -184,10 +184,7 @@ class Database:
         if keepalive is not None:
             await keepalive.stop()
         if engine is not None:
-            try:
-                await drain(engine, self._cleanup_timeout)
-            finally:
-                await finish(engine.dispose(), self._cleanup_timeout, "engine dispose")
+            await drain_and_dispose(engine, self._cleanup_timeout)
 
     async def __aenter__(self) -> Database:
         return await self.start()

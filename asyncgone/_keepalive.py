@@ -202,7 +202,7 @@ def _open_idle(pool: QueuePool, policy: ConnectionPolicy) -> bool:
     except BaseException:
         pool._dec_overflow()
         raise
-    policy.mark_pooled(record)
+    policy.on_checkin(record.dbapi_connection, record)  # the pool's checkin event does not fire
     pool._do_return_conn(record)
     return True
 

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import _drivers
-from ._cancel import drain
+from ._cancel import drain_and_dispose
 from ._engine import create_engine
 from ._errors import CommitOutcomeUnknown, add_note, is_disconnect
 from ._url import mask
@@ -258,11 +258,5 @@ async def managed_session(
             yield session
     finally:
         if owned:
-            await finish(_dispose(engine), DEFAULT_CLEANUP_TIMEOUT, "engine dispose")
-
-
-async def _dispose(engine: AsyncEngine) -> None:
-    """Dispose an engine this module made, once its pending KILL QUERYs went out: a script
-    that ends right after a cancellation would otherwise leave the statement running."""
-    await drain(engine, DEFAULT_CLEANUP_TIMEOUT / 2)
-    await engine.dispose()
+            # Both steps within DEFAULT_CLEANUP_TIMEOUT in all.
+            await drain_and_dispose(engine, DEFAULT_CLEANUP_TIMEOUT / 2)
