@@ -18,9 +18,16 @@ from ._config import (
     DEFAULT_RECYCLE,
     DEFAULT_TCP_KEEPALIVE,
     EngineOptions,
+    RunOptions,
     TCPKeepalive,
 )
-from ._database import DEFAULT_ATTEMPTS, DEFAULT_HEALTH_TIMEOUT, DEFAULT_RUN_DEADLINE, Database
+from ._database import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_RUN_DEADLINE,
+    Database,
+    managed_session,
+)
 from ._engine import create_engine
 from ._errors import (
     DEFAULT_RETRY_CODES,
@@ -33,8 +40,9 @@ from ._errors import (
     is_unavailable,
 )
 from ._keepalive import Keepalive, keepalive
-from ._session import DEFAULT_CLEANUP_TIMEOUT, DEFAULT_SESSION_OPTIONS, managed_session
-from ._stats import Health, PoolStatus, Reason, Stats, stats
+from ._session import DEFAULT_CLEANUP_TIMEOUT, DEFAULT_SESSION_OPTIONS, SessionScope
+from ._state import stats
+from ._stats import Health, PoolStatus, Reason, Stats
 
 __version__ = "0.1.0.dev0"
 
@@ -64,6 +72,8 @@ __all__ = [
     "Keepalive",
     "PoolStatus",
     "Reason",
+    "RunOptions",
+    "SessionScope",
     "Stats",
     "TCPKeepalive",
     "create_engine",

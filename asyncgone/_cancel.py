@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import ConnectionPoolEntry
 
 from . import _drivers
+from ._connector import open_connection
 from ._errors import error_code
-from ._stats import Counters
+from ._state import EngineState, state_of
 from ._waits import bounded, finish
+
+if TYPE_CHECKING:
+    from ._connect import ConnectSetup
 
 __all__ = ["StatementKiller", "drain", "drain_and_dispose"]
 
@@ -31,37 +33,23 @@ log = logging.getLogger("asyncgone")
 
 _UNKNOWN_THREAD = 1094  # ER_NO_SUCH_THREAD
 
-_KILLERS: weakref.WeakKeyDictionary[Engine, StatementKiller] = weakref.WeakKeyDictionary()
-
 
 class StatementKiller:
     """One engine's listener that sends KILL QUERY for statements a cancellation abandoned."""
 
-    def __init__(self, counters: Counters, *, connect_timeout: float, query_timeout: float):
-        self.counters = counters
-        self._connect_timeout = connect_timeout
-        self._query_timeout = query_timeout
-        self._params: dict[str, Any] | None = None
-        self._driver = ""
+    def __init__(self, state: EngineState, connect: ConnectSetup) -> None:
+        self._state = state
+        self._connect = connect  # knows how the engine's connections are opened
         self._tasks: set[asyncio.Task[None]] = set()
 
     def install(self, engine: Engine) -> None:
-        self._driver = engine.dialect.driver
-        event.listen(engine, "do_connect", self.on_do_connect)
         event.listen(engine, "handle_error", self.on_error)
-        _KILLERS[engine] = self
-
-    def on_do_connect(
-        self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
-    ) -> None:
-        """Remember how to open a connection, for the KILL QUERY connection."""
-        self._params = {k: v for k, v in cparams.items() if k != "async_creator_fn"}
 
     def on_error(self, ctx: ExceptionContext) -> None:
         """On a cancellation during a statement, COMMIT or ROLLBACK, stop it on the server."""
         if not isinstance(ctx.original_exception, asyncio.CancelledError):
             return
-        if ctx.connection is None or ctx.connection.invalidated or self._params is None:
+        if ctx.connection is None or ctx.connection.invalidated or self._connect.params is None:
             return
         try:
             thread = _drivers.thread_id(ctx.connection.connection.driver_connection)
@@ -74,16 +62,16 @@ class StatementKiller:
         task.add_done_callback(self._tasks.discard)
 
     async def _kill(self, thread: int) -> None:
-        assert self._params is not None
-        connect = _drivers.bounded_connector(self._driver, self._connect_timeout)
+        params = self._connect.params
+        assert params is not None
+        state = self._state
+        timeout = state.options.ping_timeout
         try:
-            conn = await connect(**self._params)
+            conn = await open_connection(state.driver, params, state.connect_timeout)
             try:
-                await bounded(
-                    _drivers.execute(conn, f"KILL QUERY {int(thread)}"), self._query_timeout
-                )
+                await bounded(_drivers.execute(conn, f"KILL QUERY {int(thread)}"), timeout)
             finally:
-                await _drivers.close(conn, self._query_timeout)
+                await _drivers.close(conn, timeout)
         except Exception as exc:
             if error_code(exc) == _UNKNOWN_THREAD:
                 # The connection ended before the KILL arrived: nothing runs on it any more.
@@ -92,7 +80,7 @@ class StatementKiller:
             # The statement runs on until it ends by itself; worth knowing, not fatal.
             log.warning("could not stop the statement abandoned on connection %s: %s", thread, exc)
             return
-        self.counters.kills += 1
+        state.counters.kills += 1
         log.debug("stopped the statement abandoned by cancellation on connection %s", thread)
 
     async def drain(self, timeout: float) -> None:
@@ -104,10 +92,9 @@ class StatementKiller:
 
 async def drain(engine: AsyncEngine | Engine, timeout: float) -> None:
     """Wait for the KILL QUERY tasks an engine has pending, at most ``timeout`` seconds."""
-    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    killer = _KILLERS.get(sync)
-    if killer is not None:
-        await killer.drain(timeout)
+    state = state_of(engine)
+    if state is not None and state.killer is not None:
+        await state.killer.drain(timeout)
 
 
 async def drain_and_dispose(engine: AsyncEngine, timeout: float) -> None:

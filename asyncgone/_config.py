@@ -13,8 +13,12 @@ Usage, one line per case::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from typing import Literal
+from collections.abc import Collection, Mapping
+from typing import Any, Literal
+
+from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError
 
@@ -28,7 +32,14 @@ __all__ = [
     "DEFAULT_RECYCLE",
     "DEFAULT_TCP_KEEPALIVE",
     "EngineOptions",
+    "RunOptions",
     "TCPKeepalive",
+    "check_count",
+    "check_flag",
+    "check_keepalive",
+    "given_connect_timeout",
+    "seconds",
+    "split_options",
 ]
 
 #: Replace a pooled connection idle for nearly the server's ``wait_timeout`` (read per
@@ -169,20 +180,10 @@ class EngineOptions:
                 )
             _seconds("keepalive_interval", interval)
         _seconds("network_idle_limit", self.network_idle_limit)
-        if (
-            isinstance(self.min_idle, bool)
-            or not isinstance(self.min_idle, int)
-            or self.min_idle < 0
-        ):
-            raise ConfigurationError(
-                f"min_idle must be a whole number of 0 or more, got {self.min_idle!r}"
-            )
+        check_count("min_idle", self.min_idle, minimum=0)
         if self.leak_threshold is not None:
             _seconds("leak_threshold", self.leak_threshold)
-        if not isinstance(self.kill_on_cancel, bool):
-            raise ConfigurationError(
-                f"kill_on_cancel must be True or False, got {self.kill_on_cancel!r}"
-            )
+        check_flag("kill_on_cancel", self.kill_on_cancel)
         if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
             raise ConfigurationError(
                 f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "
@@ -193,3 +194,140 @@ class EngineOptions:
     def names(cls) -> frozenset[str]:
         """Return the keyword names these options accept."""
         return frozenset(field.name for field in dataclasses.fields(cls))
+
+
+# -- the rest of asyncgone's options, validated here so every message reads the same ---------
+
+
+def seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as seconds, or raise ``ConfigurationError`` naming ``name``."""
+    return _seconds(name, value, allow_zero=allow_zero)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Return ``value`` if it is True or False, else raise ``ConfigurationError``."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_count(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` if it is a whole number of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(
+            f"{name} must be a whole number of at least {minimum}, got {value!r}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How ``Database.run()`` replays a unit of work (see there).
+
+    - ``attempts``: tries of a unit of work that keeps failing retryably (at least 1).
+    - ``deadline``: seconds ``run()`` keeps trying, waiting out a server that is down.
+    - ``retry_codes``: MySQL error numbers after which the work is rolled back and safe to
+      run again, besides disconnects.
+    """
+
+    attempts: int
+    deadline: float
+    retry_codes: frozenset[int]
+
+    def __post_init__(self) -> None:
+        check_count("attempts", self.attempts, minimum=1)
+        _seconds("deadline", self.deadline, allow_zero=True)
+        codes: object = self.retry_codes
+        if isinstance(codes, (str, bytes)) or not all(
+            isinstance(code, int) and not isinstance(code, bool)
+            for code in codes  # type: ignore[attr-defined]
+        ):
+            raise ConfigurationError(f"retry_codes must be MySQL error numbers, got {codes!r}")
+        object.__setattr__(self, "retry_codes", frozenset(self.retry_codes))
+
+    def override(
+        self,
+        attempts: int | None = None,
+        deadline: float | None = None,
+        retry_codes: Collection[int] | None = None,
+    ) -> RunOptions:
+        """Return these options with the given ones replaced (and validated)."""
+        return RunOptions(
+            attempts=self.attempts if attempts is None else attempts,
+            deadline=self.deadline if deadline is None else deadline,
+            retry_codes=self.retry_codes if retry_codes is None else retry_codes,  # type: ignore[arg-type]
+        )
+
+
+def check_keepalive(interval: object, min_idle: object) -> None:
+    """Validate the keepalive's interval (``"auto"`` or seconds) and ``min_idle``."""
+    if interval != "auto":
+        if isinstance(interval, str):
+            raise ConfigurationError(
+                f"keepalive interval must be 'auto' or a positive number of seconds, "
+                f"got {interval!r}"
+            )
+        _seconds("keepalive interval", interval)
+    check_count("min_idle", min_idle, minimum=0)
+
+
+def given_connect_timeout(url: URL, connect_args: Mapping[str, Any]) -> float | None:
+    """Return a connect timeout set in ``connect_args`` or the URL (which SQLAlchemy
+    prefers), validated; None when neither sets one."""
+    for source, value in (
+        ("connect_args", connect_args.get("connect_timeout")),
+        ("the URL", url.query.get("connect_timeout")),
+    ):
+        if value is None:
+            continue
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = -1.0
+        if not 0 < number < math.inf:
+            raise ConfigurationError(
+                f"connect_timeout in {source} must be a positive number of seconds, got {value!r}"
+            )
+        return number
+    return None
+
+
+# A keyword this close (difflib's ratio) to one of asyncgone's is taken for a misspelling of
+# it rather than passed on to SQLAlchemy. SQLAlchemy's own keywords stay below: the closest,
+# pool_timeout and pool_recycle, score 0.75 and 0.74 against ping_timeout and recycle.
+_MISSPELLING = 0.8
+
+
+def split_options(
+    kwargs: Mapping[str, Any], *, also: Collection[str] = ()
+) -> tuple[EngineOptions, dict[str, Any]]:
+    """Separate asyncgone's keywords (validated now) from those meant for SQLAlchemy.
+
+    ``pool_pre_ping=True`` becomes ``ping_after=0``: on an asyncgone engine it means a
+    bounded ping at every checkout of a reused connection, after the free socket check (see
+    the configuration docs). A keyword that is not asyncgone's but within a typo of one of
+    asyncgone's names (or of ``also``, a caller's own) raises ``ConfigurationError`` naming
+    the match; any other keyword is left for SQLAlchemy to accept or refuse.
+    """
+    names = EngineOptions.names()
+    ours = {key: value for key, value in kwargs.items() if key in names}
+    theirs = {key: value for key, value in kwargs.items() if key not in names}
+    pre_ping = theirs.pop("pool_pre_ping", None)
+    if pre_ping is not None:
+        check_flag("pool_pre_ping", pre_ping)
+        if pre_ping:
+            if "ping_after" in ours:
+                raise ConfigurationError(
+                    "pass pool_pre_ping=True or ping_after, not both: on an asyncgone engine "
+                    "pool_pre_ping=True means ping_after=0 (a bounded ping at every checkout)"
+                )
+            ours["ping_after"] = 0.0
+    known = sorted(names | set(also))
+    for key in theirs:
+        match = difflib.get_close_matches(key, known, n=1, cutoff=_MISSPELLING)
+        if match:
+            raise ConfigurationError(
+                f"unknown keyword {key!r}: did you mean {match[0]!r}? (asyncgone's keywords "
+                f"are listed on EngineOptions; other keywords go to SQLAlchemy)"
+            )
+    return EngineOptions(**ours), theirs

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
-import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import text
@@ -17,27 +16,27 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import QueuePool
 
+from . import _compat
 from ._cancel import drain_and_dispose
-from ._engine import create_engine, split_options
-from ._errors import (
-    DEFAULT_RETRY_CODES,
-    AsyncGoneError,
-    CommitOutcomeUnknown,
-    ConfigurationError,
-    DatabaseUnavailable,
-    add_note,
-    describe,
-    error_code,
-    is_disconnect,
-    is_unavailable,
-)
+from ._config import RunOptions, check_flag, seconds, split_options
+from ._engine import create_engine
+from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
-from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope, commits
-from ._stats import Counters, Health, PoolStatus, Stats, counters_for, stats
+from ._run import run_unit
+from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
+from ._state import EngineState, holder_of, state_of, stats
+from ._stats import Health, PoolStatus, Stats
 from ._url import mask, resolve_url
 from ._waits import finish
 
-__all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_HEALTH_TIMEOUT", "DEFAULT_RUN_DEADLINE", "Database"]
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "DEFAULT_HEALTH_TIMEOUT",
+    "DEFAULT_RUN_DEADLINE",
+    "Database",
+    "managed_session",
+    "pool_status",
+]
 
 log = logging.getLogger("asyncgone")
 
@@ -53,19 +52,21 @@ DEFAULT_ATTEMPTS = 3
 #: up with ``DatabaseUnavailable`` (or the last error). A running attempt is not cut short.
 DEFAULT_RUN_DEADLINE = 15.0
 
-# Full-jitter exponential backoff between attempts: 50 ms, 100 ms, ... capped at 1 s.
-_BACKOFF_BASE = 0.05
-_BACKOFF_CAP = 1.0
+# Database's own keywords, besides the engine's: a misspelling of one is caught too.
+_OWN_KEYWORDS = (
+    "session_options",
+    "attempts",
+    "run_deadline",
+    "retry_codes",
+    "cleanup_timeout",
+    "keepalive",
+)
 
 
-class _State(enum.Enum):
+class _Lifecycle(enum.Enum):
     NEW = "new"
     STARTED = "started"
     CLOSED = "closed"
-
-
-def _backoff(attempt: int) -> float:
-    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
 class Database:
@@ -81,14 +82,25 @@ class Database:
                 session.add(Order(id=1))
             total = await db.run(count_orders)           # replayed only when safe
 
-    Parameters:
-        url: as for ``create_engine()``; ``None`` reads ``$DATABASE_URL``.
-        session_options: ``AsyncSession`` keywords for every session (``expire_on_commit``
-            defaults to False).
-        attempts, run_deadline, retry_codes: defaults for ``run()``.
-        cleanup_timeout: bound on each session's rollback/close and on disposal.
-        keepalive: run the keepalive task (see ``keepalive()``) while started.
+    Args:
+        url (str | URL | None): as for ``create_engine()``; ``None`` reads
+            ``$DATABASE_URL``.
+        session_options (dict[str, Any] | None): ``AsyncSession`` keywords for every
+            session (``expire_on_commit`` defaults to False).
+        attempts (int): default for ``run()``: tries in all (``DEFAULT_ATTEMPTS``, 3).
+        run_deadline (float): default for ``run()``: seconds to keep trying
+            (``DEFAULT_RUN_DEADLINE``, 15).
+        retry_codes (Collection[int]): default for ``run()``: MySQL error numbers safe to
+            replay (``DEFAULT_RETRY_CODES``: 1205, 1213).
+        cleanup_timeout (float): seconds each session's rollback and close, and the
+            disposal, may take (``DEFAULT_CLEANUP_TIMEOUT``, 5).
+        keepalive (bool): run the keepalive task (see ``keepalive()``) while started
+            (default True).
         **engine_options: asyncgone's options and every ``create_async_engine`` keyword.
+
+    Raises:
+        ConfigurationError: the URL or an option is unusable (raised here, before anything
+            connects).
     """
 
     def __init__(
@@ -104,39 +116,34 @@ class Database:
         **engine_options: Any,
     ) -> None:
         self.url = resolve_url(url)  # validated now, like every option below
-        self._options, _ = split_options(engine_options)
-        _check_run_options(attempts, run_deadline, retry_codes)
-        if not (isinstance(cleanup_timeout, (int, float)) and 0 < cleanup_timeout < math.inf):
-            raise ConfigurationError(
-                f"cleanup_timeout must be a positive number of seconds, got {cleanup_timeout!r}"
-            )
+        self._options, _ = split_options(engine_options, also=_OWN_KEYWORDS)
+        self._run_options = RunOptions(
+            attempts=attempts,
+            deadline=run_deadline,
+            retry_codes=retry_codes,  # type: ignore[arg-type]
+        )
+        self._cleanup_timeout = seconds("cleanup_timeout", cleanup_timeout)
+        self._keepalive_on = check_flag("keepalive", keepalive)
         self._engine_options = engine_options
         self._session_options = dict(session_options or {})
-        self._attempts = attempts
-        self._run_deadline = float(run_deadline)
-        self._retry_codes = frozenset(retry_codes)
-        self._cleanup_timeout = float(cleanup_timeout)
-        if not isinstance(keepalive, bool):
-            raise ConfigurationError(f"keepalive must be True or False, got {keepalive!r}")
-        self._keepalive_on = keepalive
         self._keepalive: Keepalive | None = None
         self._engine: AsyncEngine | None = None
-        self._state = _State.NEW
+        self._lifecycle = _Lifecycle.NEW
 
     def __repr__(self) -> str:
-        return f"<Database {mask(self.url)} {self._state.value}>"
+        return f"<Database {mask(self.url)} {self._lifecycle.value}>"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def started(self) -> bool:
         """True between ``start()`` and ``close()``."""
-        return self._state is _State.STARTED
+        return self._lifecycle is _Lifecycle.STARTED
 
     @property
     def engine(self) -> AsyncEngine:
         """The ``AsyncEngine``, available between ``start()`` and ``close()``."""
-        if self._state is not _State.STARTED or self._engine is None:
+        if self._lifecycle is not _Lifecycle.STARTED or self._engine is None:
             raise AsyncGoneError(
                 f"{self!r} is not started: use `async with db:` (or `await db.start()`) first"
             )
@@ -144,12 +151,12 @@ class Database:
 
     async def start(self) -> Database:
         """Create the engine and check that the server answers; return self."""
-        if self._state is _State.CLOSED:
+        if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
-        if self._state is _State.STARTED:
+        if self._lifecycle is _Lifecycle.STARTED:
             return self
         self._engine = create_engine(self.url, **self._engine_options)
-        self._state = _State.STARTED
+        self._lifecycle = _Lifecycle.STARTED
         try:
             with anyio.fail_after(self._options.connect_timeout + self._options.ping_timeout):
                 async with self._engine.connect() as conn:
@@ -169,7 +176,7 @@ class Database:
         """Dispose the engine (bounded, surviving cancellation); the Database stays closed."""
         engine, self._engine = self._engine, None
         keepalive, self._keepalive = self._keepalive, None
-        self._state = _State.CLOSED
+        self._lifecycle = _Lifecycle.CLOSED
         # All steps run to the end in one task of their own: a cancellation of the caller
         # (re-raised once they are done) must not leave the engine's connections open.
         try:
@@ -228,81 +235,32 @@ class Database:
 
             async def transfer(session: AsyncSession) -> None:
                 ...
+
             await db.run(transfer, attempts=5)
 
         ``work`` must do nothing outside the database that it cannot do twice, and should
         leave the COMMIT to ``run()``: once ``work`` commits by itself, a later failure is
         not replayed (that part would be applied twice), and a connection lost during its
         own COMMIT raises ``CommitOutcomeUnknown``.
-        """
-        attempts = self._attempts if attempts is None else attempts
-        deadline = self._run_deadline if deadline is None else deadline
-        codes = self._retry_codes if retry_codes is None else frozenset(retry_codes)
-        _check_run_options(attempts, deadline, codes)
-        give_up_at = time.monotonic() + deadline
-        failures = waits = 0
-        while True:
-            connected = False
-            work_commits = (0, 0)
-            try:
-                async with self.session() as session:
-                    await session.connection()  # a working connection, or an error here
-                    connected = True
-                    try:
-                        return await work(session)
-                    finally:
-                        work_commits = commits(session)  # before the scope's own COMMIT
-            except CommitOutcomeUnknown:
-                self._counters().commit_outcome_unknown += 1
-                raise
-            except Exception as exc:
-                if work_commits != (0, 0):
-                    # work committed (part of) itself: replaying would apply that part twice.
-                    self._unreplayable(exc, work_commits)
-                now = time.monotonic()
-                if not connected:
-                    if not is_unavailable(exc):
-                        raise
-                    if now >= give_up_at:
-                        self._counters().unavailable += 1
-                        raise DatabaseUnavailable(
-                            f"no working connection to {mask(self.url)} within {deadline:g} s; "
-                            f"last error: {describe(exc)}"
-                        ) from exc
-                    waits += 1
-                    delay = _backoff(min(waits, 5))
-                else:
-                    failures += 1
-                    retryable = is_disconnect(exc) or error_code(exc) in codes
-                    if not retryable or failures >= attempts or now >= give_up_at:
-                        raise
-                    self._counters().replays += 1
-                    delay = _backoff(failures)
-                    log.info(
-                        "replaying a unit of work after %s (attempt %d of %d)",
-                        describe(exc),
-                        failures + 1,
-                        attempts,
-                    )
-                await anyio.sleep(min(delay, max(0.0, give_up_at - now)))
 
-    def _unreplayable(self, exc: Exception, work_commits: tuple[int, int]) -> NoReturn:
-        """Raise for a unit of work that failed after committing inside ``work``."""
-        begun, done = work_commits
-        if begun > done and is_disconnect(exc):
-            self._counters().commit_outcome_unknown += 1
-            raise CommitOutcomeUnknown(
-                f"the connection to {mask(self.url)} was lost while a COMMIT issued by the "
-                f"unit of work itself was in flight: it may or may not have been committed, "
-                f"and asyncgone will not replay it. Check the data before running this work "
-                f"again, and leave the COMMIT to run()."
-            ) from exc
-        add_note(
-            exc,
-            "asyncgone: not replayed, because the unit of work had already committed part of "
-            "itself (leave the COMMIT to run() to make it replayable)",
-        )
-        raise exc
+        Args:
+            work (Callable[[AsyncSession], Awaitable[T]]): the unit of work.
+            attempts (int | None): tries in all; default the Database's (3).
+            deadline (float | None): seconds to keep trying; default the Database's (15).
+            retry_codes (Collection[int] | None): MySQL error numbers safe to replay;
+                default the Database's (``DEFAULT_RETRY_CODES``).
+
+        Returns:
+            T: what ``work`` returned, once committed.
+
+        Raises:
+            CommitOutcomeUnknown: the connection was lost while COMMIT was in flight.
+            DatabaseUnavailable: no working connection could be had within ``deadline``.
+            ConfigurationError: an argument is unusable.
+        """
+        options = self._run_options.override(attempts, deadline, retry_codes)
+        counters = self._engine_state().counters
+        return await run_unit(self.session, work, options, counters, mask(self.url))
 
     # -- observability -----------------------------------------------------------------------
 
@@ -316,10 +274,7 @@ class Database:
             report = await db.health(timeout=1.0)
             return JSONResponse(report.as_dict(), status_code=200 if report.ok else 503)
         """
-        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
-            raise ConfigurationError(
-                f"timeout must be a positive number of seconds, got {timeout!r}"
-            )
+        seconds("timeout", timeout)
         engine = self.engine
         started = time.monotonic()
         error: str | None = None
@@ -344,36 +299,83 @@ class Database:
         """What asyncgone did on this Database's engine (see ``Stats``)."""
         return stats(self.engine)
 
-    def _counters(self) -> Counters:
-        counters = counters_for(self.engine)
-        assert counters is not None  # the engine is asyncgone's own
-        return counters
-
-
-def _check_run_options(attempts: object, deadline: object, codes: object) -> None:
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise ConfigurationError(f"attempts must be a whole number of at least 1, got {attempts!r}")
-    if (
-        isinstance(deadline, bool)
-        or not isinstance(deadline, (int, float))
-        or not (0 <= deadline < math.inf)
-    ):
-        raise ConfigurationError(f"deadline must be zero or more seconds, got {deadline!r}")
-    if isinstance(codes, (str, bytes)) or not all(
-        isinstance(code, int)
-        for code in codes  # type: ignore[attr-defined]
-    ):
-        raise ConfigurationError(f"retry_codes must be MySQL error numbers, got {codes!r}")
+    def _engine_state(self) -> EngineState:
+        state = state_of(self.engine)
+        assert state is not None  # the engine is asyncgone's own
+        return state
 
 
 def pool_status(engine: AsyncEngine) -> PoolStatus:
-    """The engine's pool figures (zeros for a pool that keeps no connections)."""
+    """The engine's pool figures (zeros for a pool that keeps no connections).
+
+    Idle connections whose socket shows that the server closed them, and empty pool slots
+    waiting for a new connection, count as ``idle_dead``, not ``idle``: checking one out
+    costs a new connection. (One ``poll(2)`` per idle connection; no round trip.)
+    """
     pool = engine.sync_engine.pool
     if not isinstance(pool, QueuePool):
-        return PoolStatus(size=0, checked_out=0, idle=0, overflow=0)
+        return PoolStatus(size=0, checked_out=0, idle=0, overflow=0, idle_dead=0)
+    idle = pool.checkedin()
+    dead = 0
+    state = state_of(engine)
+    for record in _compat.idle_records(pool):
+        dbapi_connection = record.dbapi_connection
+        if dbapi_connection is None or (
+            state is not None
+            and holder_of(record) is not None
+            and state.driver.is_closed(dbapi_connection.driver_connection)
+        ):
+            dead += 1
     return PoolStatus(
         size=pool.size(),
         checked_out=pool.checkedout(),
-        idle=pool.checkedin(),
+        idle=idle - dead,
         overflow=max(pool.overflow(), 0),
+        idle_dead=dead,
     )
+
+
+def _engine_for(bind: AsyncEngine | str | URL | None) -> tuple[AsyncEngine, bool]:
+    """Return the engine for ``bind`` and whether the caller owns (and must dispose) it."""
+    if isinstance(bind, AsyncEngine):
+        return bind, False
+    return create_engine(bind), True
+
+
+@asynccontextmanager
+async def managed_session(
+    bind: AsyncEngine | Database | str | URL | None = None, **session_options: Any
+) -> AsyncIterator[AsyncSession]:
+    """Open an ``AsyncSession`` that commits on success and rolls back on any error.
+
+    The original error is always the one re-raised. Cleanup is bounded and survives
+    cancellation, so the connection always returns to the pool (or is discarded when dead).
+    A connection lost while COMMIT was in flight raises ``CommitOutcomeUnknown``::
+
+        async with asyncgone.managed_session(engine) as session:
+            session.add(Order(id=1))
+        async with asyncgone.managed_session() as session:  # engine from $DATABASE_URL,
+            ...  # disposed on exit
+
+    Args:
+        bind (AsyncEngine | Database | str | URL | None): an engine, a started
+            ``Database``, a URL, or ``None`` for ``$DATABASE_URL``. An engine made here from
+            a URL is disposed when the block exits.
+        **session_options: ``AsyncSession`` keywords; ``expire_on_commit`` defaults to False.
+
+    Raises:
+        CommitOutcomeUnknown: the connection was lost while COMMIT was in flight.
+        ConfigurationError: ``bind`` is an unusable URL.
+    """
+    if isinstance(bind, Database):
+        async with bind.session(**session_options) as session:
+            yield session
+        return
+    engine, owned = _engine_for(bind)
+    try:
+        async with SessionScope(engine, session_options) as session:
+            yield session
+    finally:
+        if owned:
+            # Both steps within DEFAULT_CLEANUP_TIMEOUT in all.
+            await drain_and_dispose(engine, DEFAULT_CLEANUP_TIMEOUT / 2)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._engine import create_engine
 from ._errors import describe, error_code
-from ._stats import stats
+from ._state import stats
 from ._waits import bounded
 from .testing import FaultProxy
 

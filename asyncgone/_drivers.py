@@ -1,47 +1,63 @@
-"""What asyncgone needs from a driver connection, for aiomysql and asyncmy alike.
+"""What asyncgone needs from a driver connection, and every use of the drivers' private state.
 
-The drivers expose their stream state only through private attributes, so every such access
-lives here, behind small functions, and degrades to "unknown" when a driver version is
-shaped differently: asyncgone then falls back to a bounded ping instead of guessing.
+The drivers expose their stream state only through private attributes, so each such access
+lives here, chosen once per driver from the shape of its first connection (``learn``), never
+from a version number. Two shapes are known:
 
-Two connection shapes exist:
-
-- asyncio streams (aiomysql, asyncmy < 0.2.11): ``_reader`` (a ``StreamReader``) and
+- asyncio streams (aiomysql, asyncmy < 0.2.13): ``_reader`` (a ``StreamReader``) and
   ``_writer`` (a ``StreamWriter``);
-- a buffered protocol (asyncmy >= 0.2.11): ``_proto`` with ``eof``/``exc``/``length``/``pos``
+- a buffered protocol (asyncmy >= 0.2.13): ``_proto`` with ``eof``/``exc``/``length``/``pos``
   and ``_transport``.
+
+A connection of any other shape (a driver upgrade that renamed an attribute, a third-party
+async MySQL dialect) gets one WARNING naming the driver and its version, and asyncgone falls
+back to what its documentation promises for that case: a bounded ping at every checkout,
+and a ROLLBACK at every return.
+
+asyncgone does not subclass or patch the drivers' classes: asyncmy (0.2.18) takes the fast
+path of its prepared statements only for its own ``Connection`` class with its own command
+methods. The one thing asyncgone wraps, per connection, is ``cursor()`` (``count_cursors``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import enum
 import inspect
+import logging
 import select
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from sqlalchemy.engine import Dialect
+from sqlalchemy.util import greenlet_spawn
+
+from ._compat import running_loop
 from ._waits import bounded
 
 __all__ = [
-    "abort",
-    "bounded_connector",
+    "DriverSupport",
     "close",
+    "connect_error",
     "execute",
     "fetch_row",
-    "is_closed",
     "is_tcp",
-    "last_usage",
+    "new_connection",
     "ping",
+    "support_for",
     "thread_id",
-    "transaction_ended",
     "transport_socket",
 ]
 
+log = logging.getLogger("asyncgone")
+
 _SERVER_STATUS_IN_TRANS = 1
-_MISSING = object()
+_KNOWN = ("aiomysql", "asyncmy")
 
 # poll(2) rather than select(2), which fails on descriptors above 1023. Readable, hung up or
 # in error all mean the same for an idle connection: it cannot be handed out.
@@ -49,53 +65,41 @@ _poll = getattr(select, "poll", None)
 _POLL_EVENTS = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
 
 
-def _transport(conn: Any) -> asyncio.BaseTransport | None:
+class Shape(enum.Enum):
+    """How a driver connection holds its stream."""
+
+    STREAMS = "streams"
+    BUFFERED = "buffered"
+    UNKNOWN = "unknown"
+
+
+def shape_of(conn: Any) -> Shape:
+    """Tell a driver connection's shape from its attributes."""
+    proto = getattr(conn, "_proto", None)
+    if (
+        proto is not None
+        and all(hasattr(proto, a) for a in ("eof", "exc", "length", "pos"))
+        and hasattr(conn, "_transport")
+    ):
+        return Shape.BUFFERED
+    reader = getattr(conn, "_reader", None)
+    if (
+        reader is not None
+        and all(hasattr(reader, a) for a in ("at_eof", "exception"))
+        and hasattr(getattr(conn, "_writer", None), "transport")
+    ):
+        return Shape.STREAMS
+    return Shape.UNKNOWN
+
+
+def _transport(conn: Any) -> Any:
     transport = getattr(conn, "_transport", None)
     if transport is not None:
-        return transport  # type: ignore[no-any-return]
-    writer = getattr(conn, "_writer", None)
-    return getattr(writer, "transport", None)
+        return transport
+    return getattr(getattr(conn, "_writer", None), "transport", None)
 
 
-def is_closed(conn: Any) -> bool:
-    """Tell, without a round trip, whether an idle connection can no longer be used.
-
-    True when the server closed it (FIN or RST), when unsolicited bytes arrived (e.g.
-    MySQL's 4031 idle-timeout error packet), or when the driver closed it itself. Both what
-    the event loop already read and what still waits in the kernel count: a loop kept busy
-    (or blocked) since the server hung up has not read the FIN yet. False when the
-    connection looks healthy or the driver's shape is unknown.
-    """
-    proto = getattr(conn, "_proto", None)
-    if proto is not None:
-        transport = getattr(conn, "_transport", None)
-        return bool(
-            transport is None
-            or transport.is_closing()
-            or proto.eof
-            or proto.exc is not None
-            or proto.length > proto.pos
-            or _readable(transport)
-        )
-    if hasattr(conn, "_proto"):  # buffered-protocol shape, closed by the driver
-        return True
-    if not hasattr(conn, "_reader"):
-        return False  # unknown shape: no passive check possible
-    reader, writer = conn._reader, getattr(conn, "_writer", None)
-    if reader is None or writer is None:
-        return True
-    return bool(
-        reader.at_eof()
-        or reader.exception() is not None
-        # aiomysql's reader records EOF even while unread data (an error packet) remains.
-        or getattr(reader, "eof_received", False)
-        or getattr(reader, "_buffer", None)
-        or writer.transport.is_closing()
-        or _readable(writer.transport)
-    )
-
-
-def _readable(transport: asyncio.BaseTransport) -> bool:
+def _readable(transport: Any) -> bool:
     """Whether the kernel holds bytes or EOF for an idle connection's socket (one poll(2))."""
     sock = transport.get_extra_info("socket")
     if sock is None or _poll is None:
@@ -108,111 +112,255 @@ def _readable(transport: asyncio.BaseTransport) -> bool:
         return True
 
 
-def transaction_ended(conn: Any) -> bool:
-    """Tell whether the server's last reply says no transaction is open and nothing is pending.
-
-    Only a connection opened by ``bounded_connector`` can tell (see ``_StatusTracking``): its
-    ``server_status`` is known current when the last command sent (COMMIT, ROLLBACK, PING)
-    was answered by an OK packet. Neither driver records an error reply: a statement that
-    fails leaves the flags of the reply before it, which may well be a COMMIT's, although
-    the failed statement opened a transaction on the server and may hold its locks. A
-    statement answered with a result (rows or OK) leaves a result object behind. False
-    whenever unsure, so that the ROLLBACK is sent.
-    """
-    if getattr(conn, "_asyncgone_status_current", False) is not True:
-        return False
-    result = getattr(conn, "_result", _MISSING)
-    status = getattr(conn, "server_status", None)
-    if result is not None or not isinstance(status, int):
-        return False
-    return not status & _SERVER_STATUS_IN_TRANS
-
-
-class _StatusTracking:
-    """Mixed into a driver's ``Connection``: records whether ``server_status`` is current.
-
-    Both drivers send every command through ``_execute_command`` and read the OK packet
-    that answers COMMIT, ROLLBACK, BEGIN and PING through ``_read_ok_packet``, which copies
-    its status flags. An error reply raises from inside the read and copies nothing, so the
-    flags are current exactly when the last command's ``_read_ok_packet`` returned. (asyncmy's
-    prepared-statement fast path, which writes to the socket itself, runs only for its own
-    class with ``_execute_command`` untouched, so not for this one.)
-    """
-
-    _asyncgone_status_current = False
-
-    def _execute_command(self, command: int, sql: Any) -> Awaitable[None]:
-        # Whatever the reply turns out to be, the flags held so far describe an earlier one.
-        # Not a coroutine itself: handing back the driver's saves a frame on every command.
-        self._asyncgone_status_current = False
-        return super()._execute_command(command, sql)  # type: ignore[misc,no-any-return]
-
-    async def _read_ok_packet(self, *args: Any, **kwargs: Any) -> Any:
-        ok = await super()._read_ok_packet(*args, **kwargs)  # type: ignore[misc]
-        self._asyncgone_status_current = True
-        return ok
-
-
-@functools.cache
-def _status_tracking(connection_class: type) -> type:
-    """Return ``connection_class`` with ``_StatusTracking`` mixed in, if it has the shape."""
-    # A driver version that sends or reads differently keeps its own class: its connections
-    # never claim a finished transaction, and returning one always costs a ROLLBACK.
-    if not all(
-        inspect.iscoroutinefunction(getattr(connection_class, name, None))
-        for name in ("_execute_command", "_read_ok_packet")
-    ):
-        return connection_class
-    return type(
-        connection_class.__name__,
-        (_StatusTracking, connection_class),
-        {"__module__": connection_class.__module__},
+def _closed_buffered(conn: Any) -> bool:
+    proto = conn._proto
+    if proto is None:
+        return True  # closed by the driver
+    transport = conn._transport
+    return bool(
+        transport is None
+        or transport.is_closing()
+        or proto.eof
+        or proto.exc is not None
+        or proto.length > proto.pos  # unsolicited bytes, e.g. MySQL's 4031 error packet
+        or _readable(transport)
     )
 
 
-def last_usage(conn: Any) -> float | None:
-    """Return when the driver last created a cursor, on ``time.monotonic()``'s clock."""
-    usage = getattr(conn, "last_usage", None)
-    loop = getattr(conn, "_loop", None)
-    if not isinstance(usage, float) or loop is None:
-        return None
-    # Both drivers stamp loop.time(); asyncio's and uvloop's clocks are monotonic, but not
-    # promised to share time.monotonic()'s origin, so convert through the current offset.
-    return usage - float(loop.time()) + time.monotonic()
+def _closed_streams(conn: Any) -> bool:
+    reader, writer = conn._reader, conn._writer
+    if reader is None or writer is None:
+        return True  # closed by the driver
+    return bool(
+        reader.at_eof()
+        or reader.exception() is not None
+        # aiomysql's reader records EOF even while unread data (an error packet) remains.
+        or getattr(reader, "eof_received", False)
+        or getattr(reader, "_buffer", None)
+        or writer.transport.is_closing()
+        or _readable(writer.transport)
+    )
 
 
-def transport_socket(conn: Any) -> Any:
-    """Return the connection's socket (or uvloop's socket-like object), or None."""
-    transport = _transport(conn)
-    if transport is None:
-        return None
-    return transport.get_extra_info("socket")
+def _closed_unknown(conn: Any) -> bool:
+    return False  # nothing can be told without a round trip: the checkout pings instead
 
 
-def abort(conn: Any) -> None:
-    """Close the connection's socket at once, without a QUIT round trip or a write flush.
+_CLOSED = {
+    Shape.BUFFERED: _closed_buffered,
+    Shape.STREAMS: _closed_streams,
+    Shape.UNKNOWN: _closed_unknown,
+}
 
-    Used on connections already judged dead, so that SQLAlchemy's own close afterwards has
-    nothing to wait for on a network path that may not answer.
+
+def _driver_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown version"
+
+
+class DriverSupport:
+    """What asyncgone can do with the connections of one dialect's driver."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.name = str(dialect.driver)
+        self._dialect = dialect
+        self._shape: Shape | None = None
+        # Until a connection shows otherwise, assume the socket can be checked for free.
+        self.passive_check = True
+        self.is_closed: Callable[[Any], bool] = _closed_unknown
+
+    # -- shape -------------------------------------------------------------------------------
+
+    def learn(self, conn: Any) -> None:
+        """Decide, from the first connection, how to inspect this driver's connections."""
+        if self._shape is not None:
+            return
+        shape = shape_of(conn)
+        self._shape = shape
+        self.is_closed = _CLOSED[shape]
+        if shape is Shape.UNKNOWN:
+            self.passive_check = False
+            module = type(conn).__module__.split(".")[0]
+            log.warning(
+                "asyncgone does not recognise the connections of the %s driver (%s %s): it "
+                "cannot see a closed socket without a round trip, so every checkout of a "
+                "reused connection is pinged (bounded by ping_timeout) and every return "
+                "rolls back",
+                self.name,
+                module,
+                _driver_version(module),
+            )
+
+    @property
+    def shape(self) -> Shape | None:
+        """The shape learnt from the first connection (None before it)."""
+        return self._shape
+
+    # -- status flags ------------------------------------------------------------------------
+
+    def count_cursors(self, conn: Any) -> None:
+        """Make ``conn`` count the cursors it creates (see ``cursors_created``).
+
+        Every statement needs a cursor, whether SQLAlchemy, the application or asyncmy's
+        prepared-statement path sends it; COMMIT, ROLLBACK and ping need none. The count is
+        kept by wrapping the instance's ``cursor`` method: the driver's class and its
+        command methods are untouched, which asyncmy 0.2.18 requires of a connection before
+        it takes its prepared statements' fast path.
+        """
+        if self._shape is not Shape.UNKNOWN and not isinstance(conn.cursor, _CountingCursor):
+            conn.cursor = _CountingCursor(conn)
+
+    def cursors_created(self, conn: Any) -> int | None:
+        """How many cursors ``conn`` created so far (None if it is not counting)."""
+        counter = conn.__dict__.get("cursor") if hasattr(conn, "__dict__") else None
+        return counter.count if isinstance(counter, _CountingCursor) else None
+
+    def transaction_ended(self, conn: Any, ended_at: int | None) -> bool:
+        """Tell whether no transaction can be open: SQLAlchemy ended one when ``conn`` had
+        created ``ended_at`` cursors, it created none since, and the driver's last reply
+        agrees (no pending result, no "in transaction" status flag; both drivers clear the
+        result when they send a command). False whenever unsure."""
+        if ended_at is None or self.cursors_created(conn) != ended_at:
+            return False
+        status = getattr(conn, "server_status", None)
+        if getattr(conn, "_result", True) is not None or not isinstance(status, int):
+            return False
+        return not status & _SERVER_STATUS_IN_TRANS
+
+    def last_usage(self, conn: Any) -> float | None:
+        """Return when the driver last created a cursor, on ``time.monotonic()``'s clock."""
+        usage = getattr(conn, "last_usage", None)
+        loop = getattr(conn, "loop", None)
+        if not isinstance(usage, float) or loop is None:
+            return None
+        # Both drivers stamp loop.time(); asyncio's and uvloop's clocks are monotonic, but
+        # not promised to share time.monotonic()'s origin: convert through the current offset.
+        return usage - float(loop.time()) + time.monotonic()
+
+    # -- sockets and closing -----------------------------------------------------------------
+
+    def transport_socket(self, conn: Any) -> Any:
+        """Return the connection's socket (or uvloop's socket-like object), or None."""
+        return transport_socket(conn)
+
+    def abort(self, conn: Any) -> None:
+        """Close the connection's socket at once, without a QUIT round trip or a flush.
+
+        Used on connections already judged dead, so that SQLAlchemy's own close afterwards
+        has nothing to wait for on a network path that may not answer.
+        """
+        transport = _transport(conn)
+        if transport is not None and isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        close = getattr(conn, "close", None)
+        if callable(close):
+            close()
+
+    def foreign(self, conn: Any) -> bool:
+        """Whether ``conn`` belongs to an event loop other than the running one, or to a
+        closed one: it can neither be used nor closed politely from here."""
+        loop = getattr(conn, "loop", None)
+        if not isinstance(loop, asyncio.AbstractEventLoop):
+            return False
+        if loop.is_closed():
+            return True
+        running = running_loop()
+        return running is not None and loop is not running
+
+    def release_foreign(self, conn: Any) -> None:
+        """Let go of a connection that belongs to another or a closed event loop.
+
+        A live loop (another thread's) is asked to abort it itself. Of a closed loop's
+        transport only the socket is closed, by hand: every transport method would call
+        into the closed loop and fail, and the transport would warn about its open socket
+        when collected. uvloop closes its own transports when its loop closes.
+        """
+        loop = getattr(conn, "loop", None)
+        transport = _transport(conn)
+        if transport is not None and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(transport.abort)
+            except RuntimeError:  # it closed meanwhile
+                _drop_socket(transport)
+        elif transport is not None:
+            _drop_socket(transport)
+        # The driver's own finalizer would try to close it again, on the closed loop.
+        for name in ("_writer", "_reader", "_transport"):
+            if getattr(conn, name, None) is not None:
+                with contextlib.suppress(AttributeError):  # a read-only (Cython) attribute
+                    setattr(conn, name, None)
+
+    # -- ending transactions -----------------------------------------------------------------
+
+    async def rollback(self, conn: Any) -> None:
+        """ROLLBACK on the driver connection."""
+        await _maybe_await(conn.rollback())
+
+    async def commit(self, conn: Any) -> None:
+        """COMMIT on the driver connection."""
+        await _maybe_await(conn.commit())
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @property
+    def known(self) -> bool:
+        """Whether asyncgone knows how to open this driver's connections itself."""
+        return self.name in _KNOWN
+
+    async def open_with_dialect(self, params: dict[str, Any], timeout: float) -> Any:
+        """Open a raw driver connection through the dialect (for drivers asyncgone does not
+        know), bounded; return the driver's connection."""
+        adapted = await bounded(greenlet_spawn(self._dialect.connect, **params), timeout)
+        return adapted.driver_connection
+
+
+class _CountingCursor:
+    """A driver connection's ``cursor`` method that counts its calls.
+
+    It holds the connection weakly: a bound method kept on the instance would make every
+    connection a reference cycle, freed only by the garbage collector.
     """
-    transport = _transport(conn)
-    if transport is not None and isinstance(transport, asyncio.WriteTransport):
-        transport.abort()
-    close = getattr(conn, "close", None)
-    if close is not None:
-        close()
+
+    __slots__ = ("_conn", "count")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = weakref.ref(conn)
+        self.count = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        conn: Any = self._conn()
+        return type(conn).cursor(conn, *args, **kwargs)
+
+
+def _drop_socket(transport: Any) -> None:
+    """Close the socket of an asyncio selector transport whose loop is closed."""
+    sock = getattr(transport, "_sock", None)
+    if sock is None:
+        return
+    transport._closing = True  # is_closing(): StreamWriter's finalizer then stays quiet
+    transport._sock = None  # nor does the transport's own finalizer warn
+    sock.close()
+
+
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+def support_for(dialect: Dialect) -> DriverSupport:
+    """Return the ``DriverSupport`` for an engine's dialect (one per engine)."""
+    return DriverSupport(dialect)
 
 
 async def ping(conn: Any) -> None:
     """Send COM_PING and wait for the answer, never reconnecting."""
-    await conn.ping(False)
+    await _maybe_await(conn.ping(False))
 
 
 async def _cursor(conn: Any) -> Any:
-    cursor = conn.cursor()
-    if inspect.isawaitable(cursor):  # aiomysql: cursor() returns an awaitable
-        cursor = await cursor
-    return cursor
+    return await _maybe_await(conn.cursor())  # aiomysql: cursor() returns an awaitable
 
 
 async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
@@ -220,9 +368,9 @@ async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
     cursor = await _cursor(conn)
     try:
         await cursor.execute(sql)
-        row = await cursor.fetchone()
+        row = await _maybe_await(cursor.fetchone())
     finally:
-        await cursor.close()
+        await _maybe_await(cursor.close())
     return None if row is None else tuple(row)
 
 
@@ -232,7 +380,7 @@ async def execute(conn: Any, sql: str) -> None:
     try:
         await cursor.execute(sql)
     finally:
-        await cursor.close()
+        await _maybe_await(cursor.close())
 
 
 async def close(conn: Any, timeout: float) -> None:
@@ -240,10 +388,24 @@ async def close(conn: Any, timeout: float) -> None:
     try:
         await bounded(conn.ensure_closed(), timeout)
     except asyncio.CancelledError:
-        abort(conn)
+        _abort_quietly(conn)
         raise
     except Exception:
-        abort(conn)
+        _abort_quietly(conn)
+
+
+def _abort_quietly(conn: Any) -> None:
+    transport = _transport(conn)
+    if transport is not None and isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+    if callable(getattr(conn, "close", None)):
+        conn.close()
+
+
+def transport_socket(conn: Any) -> Any:
+    """Return a driver connection's socket (or uvloop's socket-like object), or None."""
+    transport = _transport(conn)
+    return None if transport is None else transport.get_extra_info("socket")
 
 
 def thread_id(conn: Any) -> int | None:
@@ -257,40 +419,26 @@ def is_tcp(sock: Any) -> bool:
     return getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
 
 
-def bounded_connector(driver: str, timeout: float) -> Callable[..., Awaitable[Any]]:
-    """Return a ``connect(**kwargs)`` for ``driver`` that gives up after ``timeout`` seconds.
-
-    The drivers' own ``connect_timeout`` covers opening the TCP connection only: a server or
-    proxy that accepts the connection and never sends its greeting hangs them forever. This
-    bounds the whole handshake, closes the half-open socket on timeout or cancellation
-    (aiomysql leaves it open), and raises the driver's error 2003, as a refused connection
-    would. Its connections also track whether their status flags are current, which
-    ``transaction_ended`` needs.
-    """
+def new_connection(driver: str, *args: Any, **kwargs: Any) -> tuple[Any, Awaitable[None]]:
+    """Create an aiomysql or asyncmy connection and return it with the coroutine that opens
+    it: the caller bounds the handshake and can close the half-open socket on a timeout
+    (aiomysql's own ``connect()`` leaves it open when cancelled)."""
     if driver == "aiomysql":
         from aiomysql import Connection
+
+        conn = Connection(*args, **kwargs)
+        return conn, conn._connect()
+    from asyncmy.connection import Connection as AsyncmyConnection
+
+    conn = AsyncmyConnection(*args, **kwargs)
+    return conn, conn.connect()
+
+
+def connect_error(driver: str) -> type[Exception]:
+    """The driver's ``OperationalError`` class."""
+    if driver == "aiomysql":
         from pymysql.err import OperationalError
     else:
-        from asyncmy.connection import Connection
         from asyncmy.errors import OperationalError
-    connection_class = _status_tracking(Connection)
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        conn = connection_class(*args, **kwargs)
-        opening = conn._connect() if driver == "aiomysql" else conn.connect()
-        try:
-            await bounded(opening, timeout)
-        except TimeoutError:
-            conn.close()
-            host = kwargs.get("host") or kwargs.get("unix_socket") or "localhost"
-            raise OperationalError(
-                2003,
-                f"Can't connect to MySQL server on {host!r}: no server greeting within "
-                f"{timeout:g} s (connect_timeout)",
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    return connect
+    error: type[Exception] = OperationalError
+    return error

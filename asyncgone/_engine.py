@@ -1,4 +1,11 @@
-"""``create_engine()``: SQLAlchemy's ``create_async_engine`` with health defaults applied."""
+"""``create_engine()``: SQLAlchemy's ``create_async_engine`` with health defaults applied.
+
+It validates asyncgone's options, creates the engine, makes its ``EngineState`` and installs
+one listener object per hook: connect setup (``_connect``), the checkout check
+(``_checkout``), the reset decision (``_reset``), error handling (``_invalidation``), the
+closing guard (``_closing``), and, when asked for, ``KILL QUERY`` after cancellations
+(``_cancel``) and leak detection (``_leaks``).
+"""
 
 from __future__ import annotations
 
@@ -8,42 +15,18 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._cancel import StatementKiller
-from ._checkout import _OURS, ConnectionPolicy
-from ._config import EngineOptions
-from ._errors import ConfigurationError
-from ._stats import Counters, register
-from ._terminate import guard_terminate, needs_guard
+from ._checkout import CheckoutCheck
+from ._closing import guard_closing
+from ._config import given_connect_timeout, split_options
+from ._connect import ConnectSetup
+from ._drivers import support_for
+from ._invalidation import ErrorHandling
+from ._leaks import LeakDetection
+from ._reset import ResetOnReturn, reset_mode
+from ._state import EngineState, attach
 from ._url import resolve_url
 
-__all__ = ["create_engine", "split_options"]
-
-
-def split_options(kwargs: dict[str, Any]) -> tuple[EngineOptions, dict[str, Any]]:
-    """Separate asyncgone's keywords (validated now) from those meant for SQLAlchemy."""
-    names = EngineOptions.names()
-    ours = {key: kwargs[key] for key in kwargs if key in names}
-    theirs = {key: kwargs[key] for key in kwargs if key not in names}
-    return EngineOptions(**ours), theirs
-
-
-def _given_connect_timeout(url: URL, connect_args: dict[str, Any]) -> float | None:
-    """Return a connect timeout set in connect_args or the URL (which SQLAlchemy prefers)."""
-    for source, value in (
-        ("connect_args", connect_args.get("connect_timeout")),
-        ("the URL", url.query.get("connect_timeout")),
-    ):
-        if value is None:
-            continue
-        try:
-            seconds = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            seconds = -1.0
-        if not 0 < seconds < float("inf"):
-            raise ConfigurationError(
-                f"connect_timeout in {source} must be a positive number of seconds, got {value!r}"
-            )
-        return seconds
-    return None
+__all__ = ["create_engine"]
 
 
 def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
@@ -58,46 +41,63 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         engine = asyncgone.create_engine(url, pool_size=20, ping_timeout=2.0)
         engine = asyncgone.create_engine()  # reads $DATABASE_URL
 
-    Parameters:
-        url: ``mysql+aiomysql://`` or ``mysql+asyncmy://`` (``mariadb+`` also works); a
-            bare ``mysql://`` picks an installed driver; ``None`` reads ``$DATABASE_URL``.
-        recycle, max_lifetime, ping_after, ping_timeout, connect_timeout, tcp_keepalive,
-        kill_on_cancel: asyncgone's options, described on ``EngineOptions``.
-        **kwargs: anything ``create_async_engine`` takes.
+    Args:
+        url (str | sqlalchemy.engine.URL | None): ``mysql+asyncmy://`` or
+            ``mysql+aiomysql://`` (``mariadb+`` also works; any other installed async MySQL
+            dialect is accepted with reduced checks); a bare ``mysql://`` picks an
+            installed driver; ``None`` reads ``$DATABASE_URL``.
+        **kwargs: asyncgone's options (``recycle``, ``max_lifetime``, ``ping_after``,
+            ``ping_timeout``, ``connect_timeout``, ``tcp_keepalive``, ``kill_on_cancel``,
+            ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
+            ``leak_threshold``: see ``EngineOptions``) and anything
+            ``create_async_engine`` takes. ``pool_pre_ping=True`` means ``ping_after=0``
+            (a bounded ping at each checkout of a reused connection, after the socket
+            check); ``pool_reset_on_return`` keeps its meaning.
+
+    Returns:
+        sqlalchemy.ext.asyncio.AsyncEngine: the engine; ``asyncgone.stats(engine)`` reads
+        what asyncgone did on it.
 
     Raises:
-        ConfigurationError: the URL, the driver or an option is unusable; the message says
-            what to change.
+        ConfigurationError: the URL, the driver or an option is unusable, or a keyword is a
+            misspelling of one of asyncgone's; the message says what to change.
     """
     options, sa_kwargs = split_options(kwargs)
     resolved = resolve_url(url)
     connect_args = dict(sa_kwargs.pop("connect_args", None) or {})
-    connect_timeout = _given_connect_timeout(resolved, connect_args)
+    connect_timeout = given_connect_timeout(resolved, connect_args)
     if connect_timeout is None:
         connect_timeout = connect_args["connect_timeout"] = options.connect_timeout
-    reset_on_return = sa_kwargs.pop("pool_reset_on_return", _OURS)
+    # Not given: asyncgone's "rollback when needed"; given: what SQLAlchemy documents.
+    given = [sa_kwargs.pop("pool_reset_on_return")] if "pool_reset_on_return" in sa_kwargs else []
+    mode = reset_mode(*given)
     engine = create_async_engine(
         resolved,
         connect_args=connect_args,
-        # asyncgone's reset listener decides when returning a connection needs a ROLLBACK.
-        pool_reset_on_return=None if reset_on_return is _OURS else reset_on_return,
+        # asyncgone's reset listener does what returning a connection needs (see _reset).
+        pool_reset_on_return=None,
         **sa_kwargs,
     )
-    counters = Counters()
-    policy = ConnectionPolicy(
+    sync = engine.sync_engine
+    dialect = sync.dialect
+    driver = support_for(dialect)
+    state = EngineState(
         options,
-        counters,
-        pool_recycle=sa_kwargs.get("pool_recycle"),
         connect_timeout=connect_timeout,
-        reset_on_return=reset_on_return,
+        driver=driver,
+        pool_recycle=sa_kwargs.get("pool_recycle"),
     )
-    policy.install(engine.sync_engine)
-    if needs_guard():
-        guard_terminate(engine.sync_engine.dialect)
+    dbapi = dialect.loaded_dbapi
+    connect = ConnectSetup(state, dbapi)
+    connect.install(sync)
+    CheckoutCheck(state).install(sync)
+    ResetOnReturn(state, mode).install(sync)
+    ErrorHandling(state, dbapi).install(sync)
+    guard_closing(dialect, driver)
     if options.kill_on_cancel:
-        killer = StatementKiller(
-            counters, connect_timeout=connect_timeout, query_timeout=options.ping_timeout
-        )
-        killer.install(engine.sync_engine)
-    register(engine.sync_engine, counters)
+        state.killer = StatementKiller(state, connect)
+        state.killer.install(sync)
+    if options.leak_threshold is not None:
+        LeakDetection(state, options.leak_threshold).install(sync)
+    attach(sync, state)
     return engine

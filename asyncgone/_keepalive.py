@@ -1,11 +1,12 @@
 """The keepalive: a background task that keeps an idle pool's connections alive and warm.
 
-Every ``interval / 2`` seconds it borrows the pool's idle connections one at a time through
-the pool itself, so no connection is ever used twice at once, and the engine's checkout
-listener does the work with the keepalive's thresholds: a connection idle for ``interval``
-gets a bounded ping (which also resets the server's and any load balancer's idle timer), a
-dead one is replaced, one whose lifetime ends before the next round is replaced early. A
-request that arrives after hours of idleness finds live connections and pays no reconnect.
+Every ``interval / 2`` seconds it takes the pool's idle connections one at a time, as a
+housekeeper does (HikariCP's), and runs the checkout check's verdict on each with its own
+thresholds: a connection idle for ``interval`` gets a bounded ping (which also resets the
+server's and any load balancer's idle timer); a dead one, or one whose lifetime ends before
+the next round, is replaced on the spot, so a request that arrives after hours of idleness
+finds live connections and pays no reconnect. It never checks a connection out: nothing it
+does counts as a checkout or goes through the pool's events.
 
 User demand wins. The keepalive holds one connection at a time, only while another idle
 one stays available for users (the last idle one only while nothing at all is checked
@@ -19,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
+import time
 from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import greenlet_spawn
 
-from ._checkout import KEEPALIVE, ConnectionPolicy, policy_for
-from ._errors import ConfigurationError, describe
+from . import _compat
+from ._checkout import DEAD, PING_DUE, announce, bounded_ping, verdict
+from ._config import check_keepalive
+from ._errors import describe
+from ._state import holder_of, state_of
+from ._stats import Reason
 from ._waits import finish
 
 __all__ = ["Keepalive", "keepalive"]
@@ -44,16 +49,6 @@ _STOP_TIMEOUT = 10.0  # bound on stopping: the visit or opening in progress fini
 _SLACK = 5.0
 
 
-def _policy(engine: AsyncEngine) -> ConnectionPolicy:
-    policy = policy_for(engine.sync_engine) if isinstance(engine, AsyncEngine) else None
-    if policy is None:
-        raise ConfigurationError(
-            "asyncgone.keepalive() needs an engine made by asyncgone.create_engine(): it works "
-            "through the checks that create_engine() installs"
-        )
-    return policy
-
-
 class Keepalive:
     """A running keepalive task for one engine; see ``keepalive()``."""
 
@@ -65,12 +60,13 @@ class Keepalive:
         min_idle: int | None = None,
     ) -> None:
         self.engine = engine
-        self._policy = _policy(engine)
-        self._counters = self._policy.counters
-        options = self._policy.options
+        state = state_of(engine, "asyncgone.keepalive()")
+        assert state is not None
+        self._state = state
+        options = state.options
         self._interval = options.keepalive_interval if interval is None else interval
         self._min_idle = options.min_idle if min_idle is None else min_idle
-        _check(self._interval, self._min_idle)
+        check_keepalive(self._interval, self._min_idle)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -80,10 +76,7 @@ class Keepalive:
         ``"auto"``: half of the shorter of the smallest idle limit of the pool's connections
         (derived from their ``wait_timeout``) and ``network_idle_limit``.
         """
-        if self._interval != "auto":
-            return float(self._interval)
-        limit = min(self._policy.smallest_idle_limit, self._policy.options.network_idle_limit)
-        return limit / 2
+        return self._state.keepalive_interval(self._interval)
 
     async def start(self) -> Keepalive:
         """Start the background task; return self."""
@@ -121,90 +114,116 @@ class Keepalive:
             try:
                 await self.run_once()
             except Exception as exc:  # a round failed; the next one may not
-                self._counters.keepalive_errors += 1
+                self._state.counters.keepalive_errors += 1
                 log.warning("keepalive round failed: %s", describe(exc))
 
     async def run_once(self) -> int:
         """Do one round now; return how many connections were visited."""
         pool = self.engine.sync_engine.pool
-        if not isinstance(pool, QueuePool):
+        if not isinstance(pool, QueuePool) or not _compat.can_keep(pool):
             return 0  # NullPool keeps nothing; other pools are left alone
-        self._counters.keepalive_runs += 1
-        token = KEEPALIVE.set(self.interval)
-        try:
-            await self._warm_up(pool)
-            return await self._visit(pool)
-        finally:
-            KEEPALIVE.reset(token)
+        self._state.counters.keepalive_runs += 1
+        await self._warm_up(pool)
+        return await self._visit(pool)
 
     async def _visit(self, pool: QueuePool) -> int:
-        """Borrow idle connections one at a time: the checkout listener checks each."""
-        policy = self._policy
+        """Take idle connections one at a time and check each."""
+        state = self._state
         # A ping, or a replacement: closing the old connection, opening and configuring a
         # new one.
-        bound = 2 * policy.options.ping_timeout + policy.connect_timeout + _SLACK
+        bound = 2 * state.options.ping_timeout + state.connect_timeout + _SLACK
+        interval = self.interval
         seen: set[int] = set()
         for _ in range(pool.checkedin()):
-            record = await finish(self._borrow(pool), bound, "a keepalive visit")
-            if record is None:
+            # No await between this test and taking the connection: no user can take it in
+            # between, and the keepalive never queues for one.
+            if not _may_borrow(pool):
                 break  # users need what is left
-            if record in seen:
-                break  # a LIFO pool hands the same connection back: the rest stay untouched
-            seen.add(record)
-            self._counters.keepalive_visits += 1
+            record = _compat.take_idle(pool)
+            if record is None:
+                break
+            if id(record) in seen:  # a LIFO pool hands the same one back: leave the rest
+                _compat.give_back(pool, record)
+                break
+            seen.add(id(record))
+            state.counters.keepalive_visits += 1
+            try:
+                await finish(self._check(record, interval), bound, "a keepalive visit")
+            finally:
+                _compat.give_back(pool, record)
         return len(seen)
 
-    async def _borrow(self, pool: QueuePool) -> int | None:
-        """Check out one idle connection and return it (which checks it), if users can spare
-        one; return its record's identity."""
-        # No await between this test and the checkout: no user can take the idle
-        # connection in between, so the pool hands one over at once and the keepalive never
-        # queues for it. (SQLAlchemy before 2.0.55 on Python before 3.12 lets the loop run
-        # once inside a checkout from a pool at its size limit; users whose checkouts
-        # started in that same iteration may still come first.)
-        if not _may_borrow(pool):
-            return None
-        async with self.engine.connect() as conn:
-            return id((await conn.get_raw_connection()).info)
+    async def _check(self, record: ConnectionPoolEntry, interval: float) -> None:
+        """Ping an idle connection if due; replace it if dead or about to retire."""
+        state = self._state
+        holder = holder_of(record)
+        dbapi_connection = record.dbapi_connection
+        if holder is None or dbapi_connection is None:
+            # Left empty by a failed connect or an invalidation: open it now, not when a
+            # user needs it.
+            await greenlet_spawn(_reconnect, record)
+            return
+        conn = dbapi_connection.driver_connection
+        now = time.monotonic()
+        reason = verdict(state, holder, conn, now, ping_after=interval, horizon=interval)
+        if reason is PING_DUE:
+            state.counters.keepalive_pings += 1
+            reason = await bounded_ping(state, holder, conn)
+        if reason is None:
+            return
+        assert isinstance(reason, Reason)
+        # Replaced in the background: no user paid for it. The log line names the cause.
+        state.counters.replaced[Reason.KEEPALIVE] += 1
+        if reason in DEAD:
+            state.driver.abort(conn)
+        announce(state, conn, reason, now, who="the keepalive is ")
+        await greenlet_spawn(_replace, record)
 
     async def _warm_up(self, pool: QueuePool) -> None:
         """While the engine is idle, open connections up to ``min_idle`` (at most the pool's
         size), one at a time, straight into the pool.
 
-        A checkout would return an idle connection rather than open one, so the pool is
-        filled directly: no idle connection is held meanwhile, and nothing waits for the
-        pool. A user arriving during a connect takes an idle connection as usual (or, with
-        none left, gets this one when it is ready, or opens their own), and stops the
-        warm-up: it resumes once the engine is idle again.
+        No idle connection is held meanwhile, and nothing waits for the pool. A user
+        arriving during a connect takes an idle connection as usual (or, with none left,
+        gets this one when it is ready, or opens their own), and stops the warm-up: it
+        resumes once the engine is idle again.
         """
+        state = self._state
         target = min(self._min_idle, pool.size())
         # Connecting, then the server-facts query.
-        bound = self._policy.connect_timeout + self._policy.options.ping_timeout + _SLACK
+        bound = state.connect_timeout + state.options.ping_timeout + _SLACK
         while pool.checkedin() < target and pool.checkedout() == 0:
-            opening = greenlet_spawn(_open_idle, pool, self._policy)
+            opening = greenlet_spawn(_open_idle, pool)
             if not await finish(opening, bound, "opening a connection for min_idle"):
                 break
 
 
-def _open_idle(pool: QueuePool, policy: ConnectionPolicy) -> bool:
-    """Open one connection and put it in the pool's idle queue; False if the pool is full.
+def _replace(record: ConnectionPoolEntry) -> None:
+    """Close a pool record's connection and open a new one (in SQLAlchemy's greenlet)."""
+    record.invalidate()  # closes through asyncgone's closing guard
+    _reconnect(record)
 
-    Runs in SQLAlchemy's greenlet. QueuePool has no public call for this, so it does what a
-    checkout that opens a connection does, then what returning it does: take a slot (its
-    ``_inc_overflow()`` refuses beyond pool_size + max_overflow), open the connection
-    (which fires the connect events), and hand it to the idle queue, which gives it at once
-    to a user waiting for a connection, or closes it and frees the slot if the queue is full.
-    """
-    if not pool._inc_overflow():
+
+def _reconnect(record: ConnectionPoolEntry) -> None:
+    """Open a new connection in an empty pool record (in SQLAlchemy's greenlet)."""
+    _compat.reconnect(record)
+    _opened_in_background(record)
+
+
+def _open_idle(pool: QueuePool) -> bool:
+    """Open one connection into the pool's idle queue; False if the pool is full."""
+    record = _compat.open_idle(pool)
+    if record is None:
         return False
-    try:
-        record = pool._create_connection()
-    except BaseException:
-        pool._dec_overflow()
-        raise
-    policy.on_checkin(record.dbapi_connection, record)  # the pool's checkin event does not fire
-    pool._do_return_conn(record)
+    _opened_in_background(record)
     return True
+
+
+def _opened_in_background(record: ConnectionPoolEntry) -> None:
+    # Not opened for a checkout: the first user checkout must check it like any other.
+    holder = holder_of(record)
+    if holder is not None:
+        holder.fresh = False
 
 
 def _may_borrow(pool: QueuePool) -> bool:
@@ -216,19 +235,6 @@ def _may_borrow(pool: QueuePool) -> bool:
     """
     idle = pool.checkedin()
     return idle > 1 or (idle == 1 and pool.checkedout() == 0)
-
-
-def _check(interval: object, min_idle: object) -> None:
-    if interval != "auto" and (
-        isinstance(interval, bool)
-        or not isinstance(interval, (int, float))
-        or not 0 < interval < math.inf
-    ):
-        raise ConfigurationError(
-            f"keepalive interval must be 'auto' or a positive number of seconds, got {interval!r}"
-        )
-    if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
-        raise ConfigurationError(f"min_idle must be a whole number of 0 or more, got {min_idle!r}")
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -1,7 +1,7 @@
 """Sessions users never have to think about: commit, safe rollback, cancellation-safe cleanup.
 
-``SessionScope`` is the one implementation behind ``managed_session()`` and
-``Database.session()``:
+``SessionScope`` is the one implementation behind ``managed_session()``,
+``Database.session()`` and the framework integrations' request sessions:
 
 - on success it flushes, checks that the connection is still alive, then commits; a
   disconnect while COMMIT is in flight raises ``CommitOutcomeUnknown`` (chained to the
@@ -16,33 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import _drivers
-from ._cancel import drain_and_dispose
-from ._engine import create_engine
+from ._config import seconds
 from ._errors import CommitOutcomeUnknown, add_note, is_disconnect
+from ._state import state_of
 from ._url import mask
 from ._waits import finish
 
-if TYPE_CHECKING:
-    from ._database import Database
-
-__all__ = [
-    "DEFAULT_CLEANUP_TIMEOUT",
-    "DEFAULT_SESSION_OPTIONS",
-    "SessionScope",
-    "commits",
-    "managed_session",
-]
+__all__ = ["DEFAULT_CLEANUP_TIMEOUT", "DEFAULT_SESSION_OPTIONS", "SessionScope", "commits"]
 
 log = logging.getLogger("asyncgone")
 
@@ -111,13 +100,33 @@ async def _lost_before_commit(session: AsyncSession) -> bool:
             return True
         if conn.closed:
             continue
-        if _drivers.is_closed(conn.connection.driver_connection):
+        state = state_of(conn.engine)
+        if state is not None and state.driver.is_closed(conn.connection.driver_connection):
             return True
     return False
 
 
 class SessionScope:
-    """``async with SessionScope(engine) as session``: the semantics of ``managed_session()``."""
+    """A session with ``managed_session()`` semantics, for code that cannot use ``async with``.
+
+    ``async with SessionScope(engine) as session`` commits on success and rolls back on
+    error. Code whose session outlives one block, such as a framework integration that
+    commits when the response starts, drives it in steps::
+
+        scope = db.session()
+        session = scope.open()          # no I/O: the session connects on first use
+        ...
+        await scope.commit()            # or: await scope.rollback(error)
+
+    Exactly one of ``commit()`` and ``rollback()`` ends a scope; a second call does nothing.
+
+    Args:
+        engine (AsyncEngine): the engine the session binds to.
+        session_options (Mapping[str, Any] | None): ``AsyncSession`` keywords
+            (``expire_on_commit`` defaults to False, see ``DEFAULT_SESSION_OPTIONS``).
+        cleanup_timeout (float): bound in seconds on the rollback and close on the way out
+            (default ``DEFAULT_CLEANUP_TIMEOUT``, 5).
+    """
 
     def __init__(
         self,
@@ -130,11 +139,16 @@ class SessionScope:
         options["sync_session_class"] = _tracking_class(options.get("sync_session_class", Session))
         self.engine = engine
         self._options = options
-        self._cleanup_timeout = cleanup_timeout
+        self._cleanup_timeout = seconds("cleanup_timeout", cleanup_timeout)
         self._session: AsyncSession | None = None
+        self._finished = False
 
     def open(self) -> AsyncSession:
-        """Create the session (no I/O: it connects on first use); ``__aenter__`` does this."""
+        """Create the session (no I/O: it connects on first use); ``__aenter__`` does this.
+
+        Raises:
+            RuntimeError: the scope was opened before.
+        """
         if self._session is not None:
             raise RuntimeError("a session scope can be entered once; open a new one")
         self._session = AsyncSession(self.engine, **self._options)
@@ -145,6 +159,44 @@ class SessionScope:
         """The session, once opened."""
         return self._session
 
+    @property
+    def finished(self) -> bool:
+        """True once ``commit()`` or ``rollback()`` ended the scope."""
+        return self._finished
+
+    async def commit(self) -> None:
+        """Flush, commit and close; on failure roll back and close, then raise.
+
+        Raises:
+            CommitOutcomeUnknown: the connection was lost while COMMIT was in flight.
+            Exception: whatever flushing or committing raised (a disconnect before COMMIT
+                was sent is an ordinary ``OperationalError``).
+        """
+        if self._finished:
+            return
+        self._finished = True
+        session = self._session
+        if session is None:
+            return
+        try:
+            await self._commit(session)
+        except BaseException as commit_error:
+            await self._cleanup(session, commit_error, rollback=True)
+            raise
+        await self._cleanup(session, None, rollback=False)
+
+    async def rollback(self, error: BaseException | None = None) -> None:
+        """Roll back and close: bounded, completed even under cancellation, never raising.
+
+        A failed rollback or close is logged and, when ``error`` is given, attached to it as
+        a note, so that the error being handled stays the one raised.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        if self._session is not None:
+            await self._cleanup(self._session, error, rollback=True)
+
     async def __aenter__(self) -> AsyncSession:
         return self.open()
 
@@ -154,17 +206,10 @@ class SessionScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        session = self._session
-        assert session is not None
         if exc is None:
-            try:
-                await self._commit(session)
-            except BaseException as commit_error:
-                await self._cleanup(session, commit_error, rollback=True)
-                raise
-            await self._cleanup(session, None, rollback=False)
+            await self.commit()
         else:
-            await self._cleanup(session, exc, rollback=True)
+            await self.rollback(exc)
 
     async def _commit(self, session: AsyncSession) -> None:
         await session.flush()  # statements fail here, before COMMIT: an ordinary error
@@ -217,46 +262,3 @@ async def _release(session: AsyncSession, error: BaseException | None, *, rollba
                     f"asyncgone: the session {name} after this error also failed: "
                     f"{cleanup_error!r}",
                 )
-
-
-def _engine_for(bind: AsyncEngine | str | URL | None) -> tuple[AsyncEngine, bool]:
-    """Return the engine for ``bind`` and whether this scope owns (and must dispose) it."""
-    if isinstance(bind, AsyncEngine):
-        return bind, False
-    return create_engine(bind), True
-
-
-@asynccontextmanager
-async def managed_session(
-    bind: AsyncEngine | Database | str | URL | None = None, **session_options: Any
-) -> AsyncIterator[AsyncSession]:
-    """Open an ``AsyncSession`` that commits on success and rolls back on any error.
-
-    The original error is always the one re-raised. Cleanup is bounded and survives
-    cancellation, so the connection always returns to the pool (or is discarded when dead).
-    A connection lost while COMMIT was in flight raises ``CommitOutcomeUnknown``::
-
-        async with asyncgone.managed_session(engine) as session:
-            session.add(Order(id=1))
-        async with asyncgone.managed_session() as session:    # engine from $DATABASE_URL,
-            ...                                               # disposed on exit
-
-    Parameters:
-        bind: an ``AsyncEngine``, a ``Database``, a URL, or ``None`` for ``$DATABASE_URL``.
-            An engine made here from a URL is disposed when the block exits.
-        **session_options: ``AsyncSession`` keywords; ``expire_on_commit`` defaults to False.
-    """
-    from ._database import Database
-
-    if isinstance(bind, Database):
-        async with bind.session(**session_options) as session:
-            yield session
-        return
-    engine, owned = _engine_for(bind)
-    try:
-        async with SessionScope(engine, session_options) as session:
-            yield session
-    finally:
-        if owned:
-            # Both steps within DEFAULT_CLEANUP_TIMEOUT in all.
-            await drain_and_dispose(engine, DEFAULT_CLEANUP_TIMEOUT / 2)

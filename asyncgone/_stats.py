@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import weakref
 from collections import Counter
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-__all__ = [
-    "Counters",
-    "Health",
-    "PoolStatus",
-    "Reason",
-    "Stats",
-    "counters_for",
-    "register",
-    "stats",
-]
+__all__ = ["Counters", "Health", "PoolStatus", "Reason", "Stats"]
 
 
 class Reason(str, enum.Enum):
@@ -35,6 +22,7 @@ class Reason(str, enum.Enum):
     POOL_INVALIDATED = "pool_invalidated"  # opened before a server-wide failure was seen
     ERROR = "error"  # a disconnect error while the connection was in use
     CANCELLED = "cancelled"  # a cancellation interrupted it mid-I/O: its stream is unusable
+    FOREIGN_LOOP = "foreign_loop"  # opened on another (or a closed) event loop
     # Replaced in the background by the keepalive, for any of the reasons above (its log
     # line names which): no user paid for it.
     KEEPALIVE = "keepalive"
@@ -137,37 +125,15 @@ _COUNTS = tuple(
 )
 
 
-_REGISTRY: weakref.WeakKeyDictionary[Engine, Counters] = weakref.WeakKeyDictionary()
-
-
-def register(engine: Engine, counters: Counters) -> None:
-    _REGISTRY[engine] = counters
-
-
-def counters_for(engine: AsyncEngine | Engine) -> Counters | None:
-    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    return _REGISTRY.get(sync)
-
-
-def stats(engine: AsyncEngine | Engine) -> Stats:
-    """Return a snapshot of asyncgone's counters for an engine made by ``create_engine()``."""
-    counters = counters_for(engine)
-    if counters is None:
-        raise TypeError(
-            "this engine was not created by asyncgone.create_engine(), so asyncgone keeps no "
-            "counters for it"
-        )
-    return counters.snapshot()
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class PoolStatus:
     """The pool's figures at one moment (all zero for pools that keep nothing)."""
 
     size: int  # configured pool_size
     checked_out: int  # connections in use
-    idle: int  # connections waiting in the pool
+    idle: int  # live connections waiting in the pool
     overflow: int  # connections beyond pool_size now open
+    idle_dead: int = 0  # idle slots known dead (server closed the socket) or empty
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -39,6 +40,16 @@ def mask(url: str | URL) -> str:
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _async_dialect(url: URL) -> bool:
+    """Whether SQLAlchemy knows ``url``'s dialect (built in, registered or by entry point)
+    and it is an asyncio one."""
+    try:
+        dialect = url.get_dialect()
+    except Exception:  # NoSuchModuleError, or a dialect module that fails to import
+        return False
+    return bool(getattr(dialect, "is_async", False))
 
 
 def resolve_url(url: str | URL | None) -> URL:
@@ -89,9 +100,16 @@ def resolve_url(url: str | URL | None) -> URL:
             f"{backend}+aiomysql:// and install it with pip install 'asyncgone[asyncmy]'"
         )
     if driver not in DRIVERS:
+        if _async_dialect(parsed):
+            # Another async MySQL dialect (a wrapper around a driver, say): accepted; the
+            # checks that need to know its connections fall back to bounded pings.
+            return parsed
+        close = difflib.get_close_matches(driver, DRIVERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigurationError(
-            f"unknown driver {driver!r} in {mask(parsed)}; asyncgone supports "
-            f"{' and '.join(DRIVERS)} ({backend}+asyncmy:// or {backend}+aiomysql://)"
+            f"unknown driver {driver!r}{hint} in {mask(parsed)}; asyncgone supports "
+            f"{' and '.join(DRIVERS)} ({backend}+asyncmy:// or {backend}+aiomysql://), and "
+            f"any other installed async MySQL dialect"
         )
     if not _installed(driver):
         raise ConfigurationError(

@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import anyio
 
+from ._compat import scope_will_redeliver
+
 __all__ = ["absorb_cancellation", "bounded", "finish"]
 
 log = logging.getLogger("asyncgone")
@@ -59,21 +61,6 @@ async def finish(work: Awaitable[_T], bound: float, what: str) -> _T:
     return task.result()
 
 
-# anyio's asyncio backend cancels a task with this message (anyio 4), and delivers it again
-# at every await inside the cancelled scope.
-_CANCEL_SCOPE_MESSAGE = "Cancelled via cancel scope "
-
-
-def _from_cancel_scope(exc: BaseException) -> bool:
-    """Tell whether a cancellation came from an anyio cancel scope (checking re-raises too)."""
-    seen: BaseException | None = exc
-    while isinstance(seen, asyncio.CancelledError):
-        if seen.args and str(seen.args[0]).startswith(_CANCEL_SCOPE_MESSAGE):
-            return True
-        seen = seen.__context__
-    return False
-
-
 def absorb_cancellation(cancelled: BaseException, handling: BaseException | None) -> None:
     """Return normally from a cancellation that was caught, without losing it.
 
@@ -82,8 +69,8 @@ def absorb_cancellation(cancelled: BaseException, handling: BaseException | None
     ``handling`` is the exception being handled when that code was called
     (``sys.exc_info()[1]``), if any.
 
-    - an anyio cancel scope delivers its cancellation again at the next await inside it, and
-      none is owed once the scope is left: nothing to do;
+    - a cancelled anyio cancel scope around the task delivers its cancellation again at the
+      next await inside it, and none is owed once the scope is left: nothing to do;
     - a cancellation already propagating (``handling``) carries this one with it;
     - otherwise (a native ``task.cancel()``) it is re-armed for the task's next await,
       leaving the count of pending cancellations as it was, so ``asyncio.timeout``, task
@@ -92,7 +79,7 @@ def absorb_cancellation(cancelled: BaseException, handling: BaseException | None
     Re-arming an anyio cancellation instead would leave it pending past the end of its scope
     when no await follows inside it: it would then cancel whatever the caller awaited next.
     """
-    if _from_cancel_scope(cancelled) or isinstance(handling, asyncio.CancelledError):
+    if isinstance(handling, asyncio.CancelledError) or scope_will_redeliver():
         return
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - always called from within a task

@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._database import Database, pool_status
-from ._stats import stats
+from ._state import stats
 
 __all__ = ["AsyncGoneCollector", "register"]
 

@@ -7,12 +7,9 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -269,28 +266,26 @@ def test_demo_falls_back_to_a_disposable_server() -> None:
 
 
 @pytest.fixture
-def read_only_tmpdir() -> Iterator[Path]:
-    """A temporary directory nobody but root may write in: as ``$TMPDIR`` it keeps a
-    disposable MariaDB from starting, as root (the server runs as ``mysql`` and cannot create
-    its temporary files there) or not (its data directory cannot be created)."""
-    path = Path(tempfile.mkdtemp(prefix="asyncgone-read-only-"))
-    path.chmod(0o555)
-    try:
-        yield path
-    finally:
-        path.chmod(0o755)
-        shutil.rmtree(path, ignore_errors=True)
+def broken_server(tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``mariadbd`` exits at once with an error, as a server that cannot
+    start does (a bad option, a full disk), and whose temporary files go to an empty
+    directory of their own."""
+    bin_dir, tmp_dir = tmp_path / "bin", tmp_path / "tmp"
+    bin_dir.mkdir()
+    tmp_dir.mkdir()
+    fake = bin_dir / "mariadbd"
+    fake.write_text("#!/bin/sh\necho '[ERROR] Aborting' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_dir)}
 
 
-def test_demo_reports_a_disposable_server_that_does_not_start(read_only_tmpdir: Path) -> None:
+def test_demo_reports_a_disposable_server_that_does_not_start(
+    broken_server: dict[str, str],
+) -> None:
     """A disposable server that cannot start ends the demo with a clear message and exit
     code 1, not a traceback, and leaves no data directory behind."""
     result = asyncgone(
-        "demo",
-        env={
-            "DATABASE_URL": "mysql+asyncmy://root@127.0.0.1:1/test",
-            "TMPDIR": str(read_only_tmpdir),
-        },
+        "demo", env={"DATABASE_URL": "mysql+asyncmy://root@127.0.0.1:1/test", **broken_server}
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
@@ -299,7 +294,7 @@ def test_demo_reports_a_disposable_server_that_does_not_start(read_only_tmpdir: 
     )
     assert "pass the URL of a running one" in result.stderr
     assert "Traceback" not in result.stderr
-    assert list(read_only_tmpdir.iterdir()) == []
+    assert list(Path(broken_server["TMPDIR"]).iterdir()) == []
 
 
 def documented_doctor_sample() -> list[str]:

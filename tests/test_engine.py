@@ -15,7 +15,7 @@ from sqlalchemy.pool import NullPool
 
 import asyncgone
 from asyncgone import ConfigurationWarning
-from asyncgone._checkout import _LIFETIME_JITTER, lifetime_deadline
+from asyncgone._state import _LIFETIME_JITTER, lifetime_deadline
 
 from ._support import Server, connection_id, warm
 

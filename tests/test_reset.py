@@ -114,14 +114,29 @@ def integrity_error(engine: AsyncEngine) -> type[Exception]:
     return engine.sync_engine.dialect.loaded_dbapi.IntegrityError  # type: ignore[no-any-return]
 
 
-async def test_commit_through_the_pool_skips_the_rollback(
+async def test_sqlalchemy_connection_commit_skips_the_rollback(
     engine: AsyncEngine, shared: Server
 ) -> None:
-    """The driver's COMMIT as the last command: asyncgone skips the ROLLBACK on its own."""
+    """A Connection that commits and is closed with nothing run since: no ROLLBACK."""
+    thread = await thread_of(engine)
+    before = resets(engine)
+    async with engine.connect() as conn:
+        await conn.execute(text("INSERT INTO ag_reset VALUES (1)"))
+        await conn.commit()
+    assert resets(engine) == (before[0], before[1] + 1)
+    assert open_transactions(shared, thread) == 0
+    assert rows(shared) == [1]
+
+
+async def test_commit_by_hand_on_the_dbapi_connection_is_followed_by_a_rollback(
+    engine: AsyncEngine, shared: Server
+) -> None:
+    """A COMMIT sent on the DBAPI connection, past SQLAlchemy: asyncgone did not see the
+    transaction end, so the return rolls back (harmless, and never wrong)."""
     thread = await thread_of(engine)
     before = resets(engine)
     await through_the_pool(engine, "INSERT INTO ag_reset VALUES (1)", "commit")
-    assert resets(engine) == (before[0], before[1] + 1)
+    assert resets(engine) == (before[0] + 1, before[1])
     assert open_transactions(shared, thread) == 0
     assert rows(shared) == [1]
 
@@ -307,11 +322,11 @@ async def test_failed_prepared_statement_after_commit_is_rolled_back(shared: Ser
         await engine.dispose()
 
 
-async def test_connection_asyncgone_did_not_open_is_always_rolled_back(
+async def test_connection_from_the_application_creator_skips_the_rollback_too(
     shared: Server, url: str, driver: str
 ) -> None:
-    """A connection from the application's own async_creator cannot tell how its last reply
-    ended, so even after a COMMIT the ROLLBACK is sent."""
+    """A connection from the application's own async_creator is counted like asyncgone's
+    own: after a session's COMMIT or ROLLBACK its return sends nothing."""
     if driver == "aiomysql":
         from aiomysql import connect
     else:
@@ -331,7 +346,7 @@ async def test_connection_asyncgone_did_not_open_is_always_rolled_back(
         for _ in range(3):
             async with asyncgone.managed_session(engine) as session:
                 await session.execute(text("SELECT 1"))
-        assert resets(engine) == (3, 0)
+        assert resets(engine) == (0, 3)
     finally:
         await engine.dispose()
 
@@ -382,16 +397,42 @@ async def test_cancelled_statement_discards_the_connection(
     assert rows(shared) == []
 
 
-async def test_user_chosen_reset_is_respected(url: str) -> None:
-    """With pool_reset_on_return given, SQLAlchemy's own reset runs and asyncgone skips none."""
-    engine = asyncgone.create_engine(url, pool_size=1, pool_reset_on_return="rollback")
+@pytest.mark.parametrize(
+    ("given", "expected"), [("rollback", (3, 0)), ("commit", (3, 0)), (None, (0, 0))]
+)
+async def test_user_chosen_reset_is_respected(
+    url: str, given: str | None, expected: tuple[int, int]
+) -> None:
+    """pool_reset_on_return keeps SQLAlchemy's meaning: "rollback" rolls back every return
+    (nothing skipped), "commit" commits, None sends nothing; asyncgone sends them, bounded."""
+    engine = asyncgone.create_engine(url, pool_size=1, pool_reset_on_return=given)
     try:
         for _ in range(3):
             async with asyncgone.managed_session(engine) as session:
                 await session.execute(text("SELECT 1"))
-        assert resets(engine) == (0, 0)
+        assert resets(engine) == expected
     finally:
         await engine.dispose()
+
+
+async def test_commit_on_return_commits_what_was_left_open(url: str, shared: Server) -> None:
+    """With pool_reset_on_return="commit", work left open on a returned connection is
+    committed, as SQLAlchemy documents."""
+    engine = asyncgone.create_engine(url, pool_size=1, pool_reset_on_return="commit")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE IF NOT EXISTS ag_reset (id INT PRIMARY KEY)"))
+            await conn.execute(text("DELETE FROM ag_reset"))
+        await through_the_pool(engine, "INSERT INTO ag_reset VALUES (5)")
+        assert rows(shared) == [5]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_misspelt_reset_is_refused(url: str) -> None:
+    """An unknown pool_reset_on_return value is refused before anything connects."""
+    with pytest.raises(asyncgone.ConfigurationError, match="pool_reset_on_return"):
+        asyncgone.create_engine(url, pool_reset_on_return="rollbak")
 
 
 async def test_idle_time_counts_from_the_last_statement(url: str) -> None:

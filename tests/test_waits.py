@@ -8,7 +8,6 @@ import sys
 import anyio
 import pytest
 
-from asyncgone._terminate import needs_guard
 from asyncgone._waits import absorb_cancellation
 
 pytestmark = pytest.mark.anyio
@@ -65,12 +64,24 @@ async def test_cancellation_during_another_is_dropped() -> None:
     await asyncio.sleep(0)  # nothing pending
 
 
-@pytest.mark.parametrize(
-    ("version", "guarded"),
-    [("2.0.50", True), ("2.0.54", True), ("2.0.55", False), ("2.0.58", False), ("2.1.0", False)],
-)
-def test_terminate_is_guarded_only_where_sqlalchemy_strands_connections(
-    version: str, guarded: bool
-) -> None:
-    """The terminate guard applies to SQLAlchemy 2.0.50-2.0.54 only."""
-    assert needs_guard(version) is guarded
+async def test_a_scope_cancellation_is_recognised_whatever_its_message() -> None:
+    """A cancel scope's cancellation is recognised by anyio's documented deadline of -inf
+    inside the cancelled scope, not by its message (which anyio changed in 4.11); outside the
+    scope, and for a native cancellation, nothing is owed to a scope."""
+    from asyncgone._compat import scope_will_redeliver
+
+    seen: list[bool] = [scope_will_redeliver()]
+    with anyio.move_on_after(0.01):
+        try:
+            await anyio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append(scope_will_redeliver())
+            raise
+    seen.append(scope_will_redeliver())
+    natively = asyncio.ensure_future(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    natively.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await natively
+    seen.append(scope_will_redeliver())
+    assert seen == [False, True, False, False]

@@ -29,17 +29,20 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quart import Quart, current_app, g, jsonify
 from quart.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, DatabaseUnavailable, is_unavailable
-
-if TYPE_CHECKING:
-    from asyncgone._session import SessionScope
+from asyncgone import (
+    DEFAULT_HEALTH_TIMEOUT,
+    Database,
+    DatabaseUnavailable,
+    SessionScope,
+    is_unavailable,
+)
 
 __all__ = ["AsyncGone", "session", "unavailable_response"]
 
@@ -115,11 +118,10 @@ class AsyncGone:
         scope: SessionScope | None = g.pop(_SCOPE, None)
         if scope is not None:
             if response.status_code >= 400:
-                error = RuntimeError(f"error response {response.status_code}")
-                await scope.__aexit__(type(error), error, None)
+                await scope.rollback(RuntimeError(f"error response {response.status_code}"))
             else:
                 try:
-                    await scope.__aexit__(None, None, None)  # rolls back if committing fails
+                    await scope.commit()  # rolls back if committing fails
                 except Exception as exc:
                     # Quart sends an exception raised here to its generic 500, never to the
                     # handlers registered for it, so answer an unavailable database here.
@@ -132,8 +134,7 @@ class AsyncGone:
     async def _teardown(self, exc: BaseException | None) -> None:
         scope: SessionScope | None = g.pop(_SCOPE, None)
         if scope is not None:  # the request failed before after_request could commit
-            error = exc or RuntimeError("request ended without a response")
-            await scope.__aexit__(type(error), error, error.__traceback__)
+            await scope.rollback(exc or RuntimeError("request ended without a response"))
 
     async def _unavailable(self, exc: BaseException) -> ResponseReturnValue:
         await self._rollback(exc)
@@ -147,7 +148,7 @@ class AsyncGone:
     async def _rollback(self, exc: BaseException) -> None:
         scope: SessionScope | None = g.pop(_SCOPE, None)
         if scope is not None:
-            await scope.__aexit__(type(exc), exc, exc.__traceback__)
+            await scope.rollback(exc)
 
     async def readiness(self) -> ResponseReturnValue:
         """A view answering 200 when the database serves a query in time, else 503."""

@@ -40,17 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, is_unavailable
-
-if TYPE_CHECKING:
-    from asyncgone._session import SessionScope
+from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, SessionScope, is_unavailable
 
 __all__ = [
     "DatabaseMiddleware",
@@ -123,7 +120,7 @@ class RequestSession:
             return
         self._finished = True
         if self._scope is not None:
-            await self._scope.__aexit__(None, None, None)
+            await self._scope.commit()
 
     async def abort(self, exc: BaseException) -> None:
         """Roll back and close, if the session was used; never raises in place of ``exc``."""
@@ -131,7 +128,7 @@ class RequestSession:
             return
         self._finished = True
         if self._scope is not None:
-            await self._scope.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._scope.rollback(exc)
 
 
 def get_session(request: Request) -> AsyncSession:

@@ -1,0 +1,194 @@
+"""Every use of SQLAlchemy's, anyio's and pytest-asyncio's private state, in one place.
+
+asyncgone uses documented API wherever one exists. What follows has none, so each piece is
+guarded by a check of the object's shape or behaviour (never a version number), and says
+what happens when that check fails. ``docs/architecture.md`` lists them with the versions
+tested.
+
+- SQLAlchemy's ``QueuePool`` idle queue and record reconnection, for the keepalive, which
+  visits idle connections without checking them out (no public API reaches them): without
+  that shape the keepalive does nothing and says so once.
+- anyio's cancel scopes: whether a cancellation will be delivered again by the scope that
+  caused it, decided from anyio's documented ``current_effective_deadline()``.
+- pytest-asyncio's per-scope runner fixtures and anyio's pytest runner, for the pytest
+  plugin's fixtures that must run in the test's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
+
+__all__ = [
+    "can_keep",
+    "give_back",
+    "idle_records",
+    "open_idle",
+    "reconnect",
+    "scope_will_redeliver",
+    "take_idle",
+    "test_loop_runner",
+]
+
+log = logging.getLogger("asyncgone")
+
+# -- SQLAlchemy: the QueuePool's idle queue ---------------------------------------------------
+#
+# QueuePool keeps idle records in ``_pool`` (sqlalchemy.util.queue: get_nowait() raises
+# Empty, put(item, False) never blocks), returns one with ``_do_return_conn`` (which closes
+# it when the queue is full), admits a new connection with ``_inc_overflow`` (False beyond
+# pool_size + max_overflow) and opens it with ``_create_connection``; a record reconnects
+# with ``get_connection()`` (SQLAlchemy 2.0 and 2.1 alike).
+
+_POOL_SHAPE = ("_pool", "_do_return_conn", "_inc_overflow", "_dec_overflow", "_create_connection")
+_QUEUE_SHAPE = ("get_nowait", "qsize")
+_warned: set[type] = set()
+
+
+def can_keep(pool: QueuePool) -> bool:
+    """Whether the keepalive can reach this pool's idle connections (warn once if not)."""
+    queue = getattr(pool, "_pool", None)
+    if all(hasattr(pool, name) for name in _POOL_SHAPE) and all(
+        hasattr(queue, name) for name in _QUEUE_SHAPE
+    ):
+        return True
+    if type(pool) not in _warned:
+        _warned.add(type(pool))
+        log.warning(
+            "the keepalive cannot reach the idle connections of %s (this SQLAlchemy's pool "
+            "is shaped differently); it does nothing, and checkouts still check every "
+            "connection",
+            type(pool).__name__,
+        )
+    return False
+
+
+def take_idle(pool: QueuePool) -> ConnectionPoolEntry | None:
+    """Take one idle record out of the pool without waiting, or None if there is none."""
+    try:
+        record: ConnectionPoolEntry = pool._pool.get_nowait()
+    except Exception:  # sqlalchemy.util.queue.Empty
+        return None
+    return record
+
+
+def give_back(pool: QueuePool, record: ConnectionPoolEntry) -> None:
+    """Return a record taken with ``take_idle`` (a waiting user gets it at once)."""
+    pool._do_return_conn(record)
+
+
+def idle_records(pool: QueuePool) -> list[ConnectionPoolEntry]:
+    """A snapshot of the pool's idle records, not taken out of it (empty if unknown)."""
+    queue = getattr(getattr(pool, "_pool", None), "_queue", None)
+    items = getattr(queue, "_queue", None)  # the asyncio.Queue's deque
+    return list(items) if items is not None else []
+
+
+def open_idle(pool: QueuePool) -> ConnectionPoolEntry | None:
+    """Open one connection straight into the idle queue; None when the pool is full.
+
+    Runs in SQLAlchemy's greenlet. It does what a checkout that opens a connection does,
+    then what returning it does: take a slot, open the connection (which fires the connect
+    events), and hand it to the idle queue, which gives it at once to a user waiting for a
+    connection, or closes it and frees the slot if the queue is full.
+    """
+    if not pool._inc_overflow():
+        return None
+    try:
+        record: ConnectionPoolEntry = pool._create_connection()
+    except BaseException:
+        pool._dec_overflow()
+        raise
+    pool._do_return_conn(record)
+    return record
+
+
+def reconnect(record: ConnectionPoolEntry) -> None:
+    """Open a new connection in a record whose connection was closed (in the greenlet)."""
+    record.get_connection()  # type: ignore[attr-defined]
+
+
+# -- anyio: cancel scopes ---------------------------------------------------------------------
+
+
+def scope_will_redeliver() -> bool:
+    """Whether an anyio cancel scope around the current task is cancelled, and so delivers
+    its cancellation again at the task's next await inside it.
+
+    anyio documents ``current_effective_deadline()`` as ``-inf`` when the current scope has
+    been cancelled; outside anyio's scopes (a plain ``task.cancel()``), or when no event
+    loop anyio knows runs, the answer is False.
+    """
+    try:
+        return anyio.current_effective_deadline() == -math.inf
+    except Exception:  # not inside an anyio-compatible task
+        return False
+
+
+# -- pytest-asyncio and anyio's pytest plugin: the test's own event loop ------------------------
+
+
+def test_loop_runner(request: Any, stack: contextlib.ExitStack) -> Callable[[Awaitable[Any]], Any]:
+    """Return a function that runs an awaitable in the event loop of the requesting test.
+
+    Raises ``LookupError`` with what to do when the test is not async or when the installed
+    plugin offers no such runner.
+    """
+    if "anyio_backend" in request.fixturenames:
+        from anyio.pytest_plugin import extract_backend_and_options, get_runner
+
+        name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
+        runner = stack.enter_context(get_runner(name, options))
+        return lambda aw: runner.run_fixture(_await, {"awaitable": aw})
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is None:
+        raise LookupError(
+            f"{request.fixturename} needs an async test: mark it with @pytest.mark.asyncio "
+            f"(pytest-asyncio) or @pytest.mark.anyio (anyio)"
+        )
+    scope = (
+        marker.kwargs.get("loop_scope")
+        or marker.kwargs.get("scope")
+        or request.config.getini("asyncio_default_test_loop_scope")
+        or "function"
+    )
+    # pytest-asyncio 1.1 and later keep an asyncio.Runner per loop scope in the fixture
+    # _<scope>_scoped_runner; 1.0 kept the loop itself in _<scope>_event_loop.
+    import pytest
+
+    scoped: Any
+    try:
+        scoped = request.getfixturevalue(f"_{scope}_scoped_runner")
+    except pytest.FixtureLookupError:
+        scoped = None
+    if callable(getattr(scoped, "run", None)):
+        return lambda aw: scoped.run(_await(aw))
+    try:
+        loop = request.getfixturevalue(f"_{scope}_event_loop")
+    except pytest.FixtureLookupError:
+        loop = None
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return lambda aw: loop.run_until_complete(_await(aw))
+    raise LookupError(
+        "asyncgone's async fixtures need pytest-asyncio 1.0 or later (or anyio's pytest "
+        "plugin): this pytest-asyncio keeps its event loops where asyncgone cannot find them"
+    )
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, or None outside one (e.g. a garbage-collector finalizer)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

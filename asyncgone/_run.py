@@ -1,0 +1,125 @@
+"""The unit-of-work runner behind ``Database.run()``: replay only what cannot apply twice.
+
+A unit of work runs in a fresh session scope and is committed by the scope. It is run
+again, after a jittered backoff, only when its failure happened before COMMIT was sent
+and left nothing behind: a disconnect (the server rolled the transaction back), or an error
+code the caller lists (deadlock, lock wait timeout). While no connection can be had at all,
+the runner waits, up to its deadline. A connection lost while COMMIT was in flight is never
+replayed: ``CommitOutcomeUnknown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._config import RunOptions
+from ._errors import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    add_note,
+    describe,
+    error_code,
+    is_disconnect,
+    is_unavailable,
+)
+from ._session import SessionScope, commits
+from ._stats import Counters
+
+__all__ = ["run_unit"]
+
+log = logging.getLogger("asyncgone")
+
+_T = TypeVar("_T")
+
+# Full-jitter exponential backoff between attempts: 50 ms, 100 ms, ... capped at 1 s.
+_BACKOFF_BASE = 0.05
+_BACKOFF_CAP = 1.0
+
+
+def backoff(attempt: int) -> float:
+    """A full-jitter exponential backoff delay for the given attempt, in seconds."""
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+
+
+async def run_unit(
+    open_scope: Callable[[], SessionScope],
+    work: Callable[[AsyncSession], Awaitable[_T]],
+    options: RunOptions,
+    counters: Counters,
+    target: str,
+) -> _T:
+    """Run ``work`` as ``Database.run()`` documents; ``target`` is the masked URL."""
+    give_up_at = time.monotonic() + options.deadline
+    failures = waits = 0
+    while True:
+        connected = False
+        work_commits = (0, 0)
+        try:
+            async with open_scope() as session:
+                await session.connection()  # a working connection, or an error here
+                connected = True
+                try:
+                    return await work(session)
+                finally:
+                    work_commits = commits(session)  # before the scope's own COMMIT
+        except CommitOutcomeUnknown:
+            counters.commit_outcome_unknown += 1
+            raise
+        except Exception as exc:
+            if work_commits != (0, 0):
+                # work committed (part of) itself: replaying would apply that part twice.
+                _unreplayable(exc, work_commits, counters, target)
+            now = time.monotonic()
+            if not connected:
+                if not is_unavailable(exc):
+                    raise
+                if now >= give_up_at:
+                    counters.unavailable += 1
+                    raise DatabaseUnavailable(
+                        f"no working connection to {target} within {options.deadline:g} s; "
+                        f"last error: {describe(exc)}"
+                    ) from exc
+                waits += 1
+                delay = backoff(min(waits, 5))
+            else:
+                failures += 1
+                retryable = is_disconnect(exc) or error_code(exc) in options.retry_codes
+                if not retryable or failures >= options.attempts or now >= give_up_at:
+                    raise
+                counters.replays += 1
+                delay = backoff(failures)
+                log.info(
+                    "replaying a unit of work after %s (attempt %d of %d)",
+                    describe(exc),
+                    failures + 1,
+                    options.attempts,
+                )
+            await anyio.sleep(min(delay, max(0.0, give_up_at - now)))
+
+
+def _unreplayable(
+    exc: Exception, work_commits: tuple[int, int], counters: Counters, target: str
+) -> NoReturn:
+    """Raise for a unit of work that failed after committing inside ``work``."""
+    begun, done = work_commits
+    if begun > done and is_disconnect(exc):
+        counters.commit_outcome_unknown += 1
+        raise CommitOutcomeUnknown(
+            f"the connection to {target} was lost while a COMMIT issued by the unit of work "
+            f"itself was in flight: it may or may not have been committed, and asyncgone "
+            f"will not replay it. Check the data before running this work again, and leave "
+            f"the COMMIT to run()."
+        ) from exc
+    add_note(
+        exc,
+        "asyncgone: not replayed, because the unit of work had already committed part of "
+        "itself (leave the COMMIT to run() to make it replayable)",
+    )
+    raise exc
