@@ -13,7 +13,15 @@ fixture is prefixed ``asyncgone_``:
 - ``asyncgone_proxy``: a ``FaultProxy`` in front of the database (``asyncgone_proxy.url``);
 - ``asyncgone_proxy_engine``: an engine whose connections go through ``asyncgone_proxy``;
 - ``asyncgone_mariadb``: a disposable MariaDB server for tests that restart or reconfigure
-  one (started once per session, started again if a test left it stopped).
+  one (started once per session, started again if a test left it stopped);
+- ``asyncgone_replication``: a primary with two GTID replicas
+  (``asyncgone.testing.ReplicationTopology``) for failover tests;
+- ``asyncgone_galera``: a three-node Galera cluster (``asyncgone.testing.GaleraCluster``).
+
+The two topologies are shared by the session and handed to each test healthy, with an empty
+``test`` database: one that a test left broken (a server down, a replica not replicating, a
+node desynced) is rebuilt, which takes about five seconds (a replication topology) or 10 to
+20 s (a Galera cluster); one that is whole with other roles (after a switchover) is kept.
 
 Configuration of the URL, first one set wins: the ``asyncgone_url`` ini option, the
 ``--asyncgone-url`` command-line option, the ``ASYNCGONE_URL`` environment variable, then
@@ -35,14 +43,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._engine import create_engine
 from ._url import mask, resolve_url
-from .testing import FaultProxy, MariaDBServer
+from .testing import (
+    AdminQueryError,
+    FaultProxy,
+    GaleraCluster,
+    MariaDBServer,
+    ReplicationTopology,
+    TopologyError,
+)
 
 __all__ = [
     "asyncgone_engine",
     "asyncgone_engine_options",
+    "asyncgone_galera",
     "asyncgone_mariadb",
     "asyncgone_proxy",
     "asyncgone_proxy_engine",
+    "asyncgone_replication",
     "asyncgone_session",
     "asyncgone_url",
 ]
@@ -269,3 +286,86 @@ def asyncgone_mariadb(_asyncgone_mariadb_server: MariaDBServer) -> MariaDBServer
     if not _asyncgone_mariadb_server.running:
         _asyncgone_mariadb_server.start()
     return _asyncgone_mariadb_server
+
+
+# -- topologies ------------------------------------------------------------------------------
+
+_TopologyT = TypeVar("_TopologyT", ReplicationTopology, GaleraCluster)
+_RESET_TEST_DATABASE = "DROP DATABASE IF EXISTS test; CREATE DATABASE test"
+
+
+def _healthy_topology(holder: dict[str, _TopologyT], build: Callable[[], _TopologyT]) -> _TopologyT:
+    """The held topology, checked and emptied; or, if a test left it altered, a new one."""
+    topology = holder.pop("topology", None)
+    if topology is not None:
+        try:
+            topology.check()
+            # Run once and replicated: the waits return when every server applied it.
+            if isinstance(topology, ReplicationTopology):
+                topology.primary.query(_RESET_TEST_DATABASE)
+                topology.wait_caught_up()
+            else:
+                topology.nodes[0].query(_RESET_TEST_DATABASE)
+                topology.wait_applied()
+        except (TopologyError, AdminQueryError):
+            topology.close()
+            topology = None
+    if topology is None:
+        with contextlib.ExitStack() as stack:
+            topology = build()
+            stack.callback(topology.close)
+            topology.start()
+            stack.pop_all()
+    holder["topology"] = topology
+    return topology
+
+
+@pytest.fixture(scope="session")
+def _asyncgone_replication_holder() -> Iterator[dict[str, ReplicationTopology]]:
+    holder: dict[str, ReplicationTopology] = {}
+    yield holder
+    for topology in holder.values():
+        topology.close()
+
+
+@pytest.fixture
+def asyncgone_replication(
+    _asyncgone_replication_holder: dict[str, ReplicationTopology],
+) -> ReplicationTopology:
+    """A MariaDB primary with two GTID replicas, healthy, with an empty ``test`` database.
+
+    Shared by the session: a test may kill, promote, lag or rejoin servers, and the next test
+    gets a topology whose roles may differ but which is whole again (rebuilt if needed, in
+    about five seconds). Applications connect as ``app`` (password ``app``), a user that
+    read-only replicas refuse writes to::
+
+        def test_failover(asyncgone_replication):
+            url = asyncgone_replication.url("asyncmy")   # ?host=PRIMARY&host=REPLICA&...
+            asyncgone_replication.kill(asyncgone_replication.primary)
+            asyncgone_replication.promote(asyncgone_replication.replicas[0])
+    """
+    return _healthy_topology(_asyncgone_replication_holder, ReplicationTopology)
+
+
+@pytest.fixture(scope="session")
+def _asyncgone_galera_holder() -> Iterator[dict[str, GaleraCluster]]:
+    holder: dict[str, GaleraCluster] = {}
+    yield holder
+    for cluster in holder.values():
+        cluster.close()
+
+
+@pytest.fixture
+def asyncgone_galera(_asyncgone_galera_holder: dict[str, GaleraCluster]) -> GaleraCluster:
+    """A three-node MariaDB Galera cluster, every node Synced, with an empty ``test``
+    database.
+
+    Shared by the session; a test that leaves a node down or desynced makes the next test
+    wait for a new cluster (10 to 20 s; ``rejoin()`` or ``resync()`` in the test is
+    quicker). Applications connect as ``app`` (password ``app``)::
+
+        def test_node_loss(asyncgone_galera):
+            url = asyncgone_galera.url("asyncmy")
+            asyncgone_galera.kill(asyncgone_galera.nodes[0])
+    """
+    return _healthy_topology(_asyncgone_galera_holder, GaleraCluster)

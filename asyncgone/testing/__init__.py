@@ -1,13 +1,25 @@
-"""Tools for testing applications against connections that die: a fault-injecting TCP proxy
-and a disposable MariaDB server.
+"""Tools for testing applications against connections that die: a fault-injecting TCP proxy,
+a disposable MariaDB server, and disposable multi-server topologies (a primary with GTID
+replicas, a Galera cluster) to fail over and take nodes out.
 
-    from asyncgone.testing import FaultProxy, MariaDBServer
+    from asyncgone.testing import FaultProxy, GaleraCluster, MariaDBServer, ReplicationTopology
 """
 
-from ._mariadb import MariaDBServer, ServerBinaryNotFound
+from ._galera import GaleraCluster
+from ._mariadb import AdminQueryError, MariaDBServer, ServerBinaryNotFound
 from ._proxy import FaultProxy
+from ._replication import ReplicationTopology
+from ._topology import TopologyError
 
-__all__ = ["FaultProxy", "MariaDBServer", "ServerBinaryNotFound"]
+__all__ = [
+    "AdminQueryError",
+    "FaultProxy",
+    "GaleraCluster",
+    "MariaDBServer",
+    "ReplicationTopology",
+    "ServerBinaryNotFound",
+    "TopologyError",
+]
 
 for _name in __all__:
     globals()[_name].__module__ = __name__

@@ -3,12 +3,17 @@
 Process handling (start and wait for the port, stop with a deadline, kill) is mirakuru's;
 this module only knows how to initialise a data directory and which flags make a server
 private, fast to start and reachable by ``root`` without a password.
+
+Administrative SQL (``MariaDBServer.query``) goes through the ``mariadb`` command-line client
+that ships with the server: the toolkit then needs no Python driver of its own (PyMySQL is not
+a dependency of asyncgone), and every statement runs in a process that a timeout can kill.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,15 +27,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mirakuru import TCPExecutor
 
-__all__ = ["MariaDBServer", "ServerBinaryNotFound"]
+__all__ = ["AdminQueryError", "MariaDBServer", "ServerBinaryNotFound"]
 
 _SERVER_BINARIES = ("mariadbd", "mysqld")
 _INSTALL_BINARIES = ("mariadb-install-db", "mysql_install_db")
+_CLIENT_BINARIES = ("mariadb", "mysql")
+DEFAULT_QUERY_TIMEOUT = 30.0
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 
 # Runs at every start: lets root in from any address (tests may reach the server through a
-# proxy or a network namespace) and provides the conventional `test` database.
+# proxy or a network namespace) and provides the conventional `test` database. It stays out of
+# the binary log: on a replica, a local transaction at every start would be a GTID the primary
+# never had, which gtid_strict_mode rejects as soon as replication applies the next event.
 _INIT_SQL = """\
+SET SESSION sql_log_bin=0;
 CREATE USER IF NOT EXISTS 'root'@'%';
 GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION;
 CREATE DATABASE IF NOT EXISTS test;
@@ -39,6 +49,37 @@ CREATE DATABASE IF NOT EXISTS test;
 
 class ServerBinaryNotFound(RuntimeError):
     """No MariaDB server binary could be found to start a disposable server."""
+
+
+class AdminQueryError(RuntimeError):
+    """An administrative statement (``MariaDBServer.query``) failed or did not finish in time.
+
+    ``errno`` is the server's error code (1290, 1047, ...), or the client's (2002, 2013: no
+    connection), or None when the client was killed at the timeout.
+    """
+
+    def __init__(self, message: str, *, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+_PASSWORD = re.compile(r"((?:PASSWORD|IDENTIFIED BY)\s*=?\s*)'(?:[^'\\]|\\.)*'", re.IGNORECASE)
+_CLIENT_ERROR = re.compile(r"ERROR (\d+)")
+_ECHOED_QUERY = re.compile(r"^-{5,}\n.*?^-{5,}\n", re.DOTALL | re.MULTILINE)
+_UNESCAPE = {"n": "\n", "t": "\t", "0": "\0", "\\": "\\"}
+
+
+def _masked(sql: str) -> str:
+    """The statement for an error message: passwords hidden, shortened to one line."""
+    text = " ".join(_PASSWORD.sub(r"\1'***'", sql).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _unescape(field: str) -> str | None:
+    # --batch escapes tab, newline, NUL and backslash, and prints SQL NULL as NULL.
+    if field == "NULL":
+        return None
+    return re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), field)
 
 
 def _find(names: Sequence[str]) -> str | None:
@@ -53,9 +94,18 @@ def _find(names: Sequence[str]) -> str | None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports nobody listens on right now."""
+    # All sockets stay bound until every port is chosen, so the kernel cannot hand out the same
+    # ephemeral port twice.
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 class MariaDBServer:
@@ -70,16 +120,21 @@ class MariaDBServer:
             server.restart()                             # graceful stop (SIGTERM), then start
             server.kill()                                # SIGKILL: a crash, as far as clients see
             server.start()
+            server.query("SELECT @@version")             # [{"@@version": "10.11..."}], as root
 
         await anyio.to_thread.run_sync(server.restart)  # the same, from async tests
 
     Parameters:
         host: address to bind and to put in URLs.
         port: TCP port; a free one by default.
-        options: extra server flags, e.g. ``["--wait-timeout=5"]``.
+        options: extra server flags, e.g. ``["--wait-timeout=5"]``; the ``options`` attribute
+            may be replaced between stop and start to change them.
         wrapper: a command prefix to run the server under, e.g.
-            ``["ip", "netns", "exec", "ns1"]``.
+            ``["ip", "netns", "exec", "ns1"]``; ``query()`` runs the client under it too.
         startup_timeout: seconds to wait for the server to accept connections.
+        log_bin: write a binary log (``mysql-bin.*`` in the data directory) instead of
+            ``--skip-log-bin``; replication needs it.
+        server_id: ``--server-id``; replication needs a distinct one per server.
     """
 
     def __init__(
@@ -90,6 +145,8 @@ class MariaDBServer:
         options: Sequence[str] = (),
         wrapper: Sequence[str] = (),
         startup_timeout: float = 60.0,
+        log_bin: bool = False,
+        server_id: int | None = None,
     ) -> None:
         server = _find(_SERVER_BINARIES)
         install = _find(_INSTALL_BINARIES)
@@ -103,10 +160,13 @@ class MariaDBServer:
         self.options = tuple(options)
         self.wrapper = tuple(wrapper)
         self.startup_timeout = startup_timeout
+        self.log_bin = log_bin
+        self.server_id = server_id
         self._server_binary = server
         self._install_binary = install
         self.basedir = Path(tempfile.mkdtemp(prefix="asyncgone-mariadb-"))
         self.datadir = self.basedir / "data"
+        self._tmpdir = self.basedir / "tmp"
         self._executor: TCPExecutor | None = None
         self._initialised = False
 
@@ -130,16 +190,20 @@ class MariaDBServer:
         if self._initialised:
             return
         self.datadir.mkdir(exist_ok=True)
+        self._tmpdir.mkdir(exist_ok=True)
         (self.basedir / "init.sql").write_text(_INIT_SQL)
         user = ["--user=mysql"] if self._as_root() else []
         if user:
             # mariadbd refuses to run as root; the mysql account must own its files.
-            shutil.chown(self.basedir, "mysql", "mysql")
-            shutil.chown(self.datadir, "mysql", "mysql")
+            for path in (self.basedir, self.datadir, self._tmpdir):
+                shutil.chown(path, "mysql", "mysql")
         command = [
             self._install_binary,
             "--no-defaults",
             f"--datadir={self.datadir}",
+            # A private temporary directory (passed on to mariadbd): initialisations running
+            # side by side have been seen to trip over each other's files in a shared /tmp.
+            f"--tmpdir={self._tmpdir}",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             *user,
@@ -158,13 +222,15 @@ class MariaDBServer:
             self._server_binary,
             "--no-defaults",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self._tmpdir}",
             f"--port={self.port}",
             f"--bind-address={self.host}",
             f"--socket={self.basedir / 'mysqld.sock'}",
             f"--pid-file={self.basedir / 'mysqld.pid'}",
             f"--log-error={self.error_log}",
             f"--init-file={self.basedir / 'init.sql'}",
-            "--skip-log-bin",
+            "--log-bin=mysql-bin" if self.log_bin else "--skip-log-bin",
+            *([f"--server-id={self.server_id}"] if self.server_id is not None else []),
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=32M",
             "--innodb-log-file-size=16M",
@@ -201,7 +267,7 @@ class MariaDBServer:
             executor.kill()
             raise RuntimeError(
                 f"MariaDB did not start on {self.host}:{self.port}: {exc}; its log ends with:\n"
-                f"{self._log_tail()}"
+                f"{self.log_tail()}"
             ) from exc
         self._executor = executor
         return self
@@ -223,15 +289,122 @@ class MariaDBServer:
         self.stop()
         self.start()
 
+    def run_once(self, *options: str, timeout: float = 120.0) -> str:
+        """Run the server binary to completion, not as a server, with this server's flags plus
+        ``options`` (a one-shot mode such as ``--wsrep-recover``); return what it logged.
+
+        Raises:
+            RuntimeError: the server runs (stop it first), or the run failed or took longer
+                than ``timeout`` seconds.
+        """
+        if self.running:
+            raise RuntimeError(f"stop {self!r} before running it once with {options}")
+        self._initialise()
+        log = self.basedir / "run-once.log"
+        log.unlink(missing_ok=True)
+        command = [*self._command(), *options, f"--log-error={log}"]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{options} did not finish within {timeout:g} s") from None
+        output = log.read_text(errors="replace") if log.exists() else result.stderr
+        if result.returncode != 0:
+            raise RuntimeError(f"{options} failed ({result.returncode}): {output[-2000:]}")
+        return output
+
+    def wipe(self) -> None:
+        """Kill the server if it runs and delete its data; the next ``start()`` begins afresh."""
+        self.kill()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self._initialised = False
+
+    # -- administration ----------------------------------------------------------------------
+
+    def query(
+        self, sql: str, *, timeout: float = DEFAULT_QUERY_TIMEOUT
+    ) -> list[dict[str, str | None]]:
+        """Run SQL as ``root`` through the ``mariadb`` client; return the rows it printed.
+
+        Each row maps column names to text (SQL NULL, and the string ``'NULL'``, become None).
+        Several statements separated by ``;`` may run; give at most one that returns rows.
+        Blocks at most ``timeout`` seconds (connecting included).
+
+        Raises:
+            AdminQueryError: the statement failed (``errno`` holds the code), the server was
+                unreachable, or the timeout passed; the message names the server and shows the
+                statement with passwords masked.
+            ServerBinaryNotFound: there is no ``mariadb`` (or ``mysql``) client.
+        """
+        client = _find(_CLIENT_BINARIES)
+        if client is None:
+            raise ServerBinaryNotFound(
+                "MariaDBServer.query needs the mariadb command-line client; install it "
+                "(Debian: apt install mariadb-client)"
+            )
+        command = [
+            *self.wrapper,
+            client,
+            "--no-defaults",
+            "--protocol=TCP",
+            f"--host={self.host}",
+            f"--port={self.port}",
+            "--user=root",
+            "--batch",
+            f"--connect-timeout={max(1, int(timeout))}",
+        ]
+        where = f"MariaDB {self.host}:{self.port}"
+        try:
+            # The statement goes through stdin: unlike arguments, it is invisible to `ps`.
+            result = subprocess.run(
+                command, input=sql, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise AdminQueryError(
+                f"{where} did not answer within {timeout:g} s: {_masked(sql)}", errno=None
+            ) from None
+        if result.returncode != 0:
+            # The client echoes the failed statement between dashed lines; it may hold a
+            # password, and the message shows the masked statement anyway.
+            message = _ECHOED_QUERY.sub("", result.stderr).strip()
+            message = message or f"mariadb client exited with {result.returncode}"
+            code = _CLIENT_ERROR.search(message)
+            raise AdminQueryError(
+                f"{where}: {message} (running: {_masked(sql)})",
+                errno=int(code.group(1)) if code else None,
+            )
+        lines = result.stdout.splitlines()
+        if not lines:
+            return []
+        names = lines[0].split("\t")
+        return [
+            dict(zip(names, map(_unescape, line.split("\t")), strict=False)) for line in lines[1:]
+        ]
+
+    def value(self, sql: str, *, timeout: float = DEFAULT_QUERY_TIMEOUT) -> str | None:
+        """Run a query returning one value (``SELECT @@read_only``) and return it as text.
+
+        Raises:
+            AdminQueryError: as ``query()``, or when the query returned no row.
+        """
+        rows = self.query(sql, timeout=timeout)
+        if not rows:
+            raise AdminQueryError(
+                f"MariaDB {self.host}:{self.port} returned no row for {_masked(sql)}", errno=None
+            )
+        return next(iter(rows[0].values()))
+
     def close(self) -> None:
         """Stop the server if it runs and delete its data directory."""
         with contextlib.suppress(Exception):
             self.kill()
         shutil.rmtree(self.basedir, ignore_errors=True)
 
-    def _log_tail(self) -> str:
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the server's error log, for error messages."""
         try:
-            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-20:])
+            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no error log)"
 
