@@ -92,11 +92,11 @@ def idle_records(pool: QueuePool) -> list[ConnectionPoolEntry]:
 
 
 def open_idle(pool: QueuePool) -> ConnectionPoolEntry | None:
-    """Open one connection straight into the idle queue; None when the pool is full.
+    """Open one connection for the idle queue; None when the pool is full.
 
-    Runs in SQLAlchemy's greenlet. It does what a checkout that opens a connection does,
-    then what returning it does: take a slot, open the connection (which fires the connect
-    events), and hand it to the idle queue, which gives it at once to a user waiting for a
+    Runs in SQLAlchemy's greenlet. It does what a checkout that opens a connection does:
+    take a slot and open the connection (which fires the connect events). ``give_back``
+    then hands it to the idle queue, which gives it at once to a user waiting for a
     connection, or closes it and frees the slot if the queue is full.
     """
     if not pool._inc_overflow():
@@ -106,7 +106,6 @@ def open_idle(pool: QueuePool) -> ConnectionPoolEntry | None:
     except BaseException:
         pool._dec_overflow()
         raise
-    pool._do_return_conn(record)
     return record
 
 

@@ -150,8 +150,26 @@ class Keepalive:
             try:
                 await finish(self._check(record, interval), bound, "a keepalive visit")
             finally:
-                _compat.give_back(pool, record)
+                self._give_back(pool, record)
         return len(seen)
+
+    def _open_idle(self, pool: QueuePool) -> bool:
+        """Open one connection into the pool's idle queue (in SQLAlchemy's greenlet, so
+        that nothing can come between opening and handing over); False if it is full."""
+        record = _compat.open_idle(pool)
+        if record is None:
+            return False
+        _opened_in_background(record)
+        self._give_back(pool, record)
+        return True
+
+    def _give_back(self, pool: QueuePool, record: ConnectionPoolEntry) -> None:
+        """Return a record to its pool, or close it if the engine was disposed meanwhile
+        (its pool replaced): nothing would ever close it in a pool nobody uses."""
+        if self.engine.sync_engine.pool is pool:
+            _compat.give_back(pool, record)
+        else:
+            record.invalidate()  # the socket only, through asyncgone's closing guard
 
     async def _check(self, record: ConnectionPoolEntry, interval: float) -> None:
         """Ping an idle connection if due; replace it if dead or about to retire."""
@@ -193,7 +211,7 @@ class Keepalive:
         # Connecting, then the server-facts query.
         bound = state.connect_timeout + state.options.ping_timeout + _SLACK
         while pool.checkedin() < target and pool.checkedout() == 0:
-            opening = greenlet_spawn(_open_idle, pool)
+            opening = greenlet_spawn(self._open_idle, pool)
             if not await finish(opening, bound, "opening a connection for min_idle"):
                 break
 
@@ -208,15 +226,6 @@ def _reconnect(record: ConnectionPoolEntry) -> None:
     """Open a new connection in an empty pool record (in SQLAlchemy's greenlet)."""
     _compat.reconnect(record)
     _opened_in_background(record)
-
-
-def _open_idle(pool: QueuePool) -> bool:
-    """Open one connection into the pool's idle queue; False if the pool is full."""
-    record = _compat.open_idle(pool)
-    if record is None:
-        return False
-    _opened_in_background(record)
-    return True
 
 
 def _opened_in_background(record: ConnectionPoolEntry) -> None:

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from ._compat import test_loop_runner
 from ._engine import create_engine
 from ._url import mask, resolve_url
 from .testing import (
@@ -144,44 +145,14 @@ class _TestLoop:
     """Runs coroutines in the event loop the requesting test runs in, between its steps."""
 
     def __init__(self, request: pytest.FixtureRequest, stack: contextlib.ExitStack) -> None:
-        if "anyio_backend" in request.fixturenames:
-            from anyio.pytest_plugin import extract_backend_and_options, get_runner
-
-            name, options = extract_backend_and_options(request.getfixturevalue("anyio_backend"))
-            runner = stack.enter_context(get_runner(name, options))
-            self._run: Callable[[Awaitable[Any]], Any] = lambda aw: runner.run_fixture(
-                _await, {"awaitable": aw}
-            )
-            return
-        marker = request.node.get_closest_marker("asyncio")
-        if marker is not None:
-            scope = (
-                marker.kwargs.get("loop_scope")
-                or marker.kwargs.get("scope")
-                or request.config.getini("asyncio_default_test_loop_scope")
-                or "function"
-            )
-            try:
-                pytest_asyncio_runner = request.getfixturevalue(f"_{scope}_scoped_runner")
-            except pytest.FixtureLookupError:
-                raise pytest.UsageError(
-                    "asyncgone's async fixtures need pytest-asyncio 1.0 or later (or anyio's "
-                    "pytest plugin)"
-                ) from None
-            self._run = lambda aw: pytest_asyncio_runner.run(_await(aw))
-            return
-        raise pytest.UsageError(
-            f"{request.fixturename} needs an async test: mark it with "
-            f"@pytest.mark.asyncio (pytest-asyncio) or @pytest.mark.anyio (anyio)"
-        )
+        try:
+            self._run = test_loop_runner(request, stack)
+        except LookupError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
     def run(self, awaitable: Awaitable[_T]) -> _T:
         result: _T = self._run(awaitable)
         return result
-
-
-async def _await(awaitable: Awaitable[_T]) -> _T:
-    return await awaitable
 
 
 @contextlib.contextmanager

@@ -83,3 +83,39 @@ def test_connect_timeout_in_the_url_is_checked() -> None:
     """A non-numeric ``connect_timeout`` in the URL is refused before any connection."""
     with pytest.raises(ConfigurationError, match="connect_timeout in the URL"):
         asyncgone.create_engine("mysql+asyncmy://root@127.0.0.1/test?connect_timeout=soon")
+
+
+def test_a_misspelt_keyword_names_the_close_match() -> None:
+    """A keyword within a typo of one of asyncgone's is refused with that name, before any
+    connection; SQLAlchemy's own keywords and their misspellings stay SQLAlchemy's."""
+    url = "mysql+asyncmy://root@127.0.0.1:1/test"
+    with pytest.raises(
+        ConfigurationError, match="unknown keyword 'recyle': did you mean 'recycle'"
+    ):
+        asyncgone.create_engine(url, recyle=10)
+    with pytest.raises(ConfigurationError, match="did you mean 'ping_timeout'"):
+        asyncgone.Database(url, ping_timout=1)
+    with pytest.raises(ConfigurationError, match="did you mean 'attempts'"):
+        asyncgone.Database(url, attemps=5)
+    with pytest.raises(TypeError, match="Invalid argument"):
+        asyncgone.create_engine(url, pool_recyle=10)  # close to SQLAlchemy's pool_recycle
+    engine = asyncgone.create_engine(url, pool_recycle=10, echo_pool=False)
+    assert engine.sync_engine.pool._recycle == 10  # type: ignore[attr-defined]
+
+
+def test_pool_pre_ping_means_a_bounded_ping_at_every_checkout() -> None:
+    """pool_pre_ping=True becomes ping_after=0 (asyncgone's bounded ping, after the socket
+    check); SQLAlchemy's own pre-ping, unbounded and run first, is never switched on."""
+    url = "mysql+asyncmy://root@127.0.0.1:1/test"
+    engine = asyncgone.create_engine(url, pool_pre_ping=True)
+    assert engine.sync_engine.pool._pre_ping is False  # type: ignore[attr-defined]
+    assert asyncgone.stats(engine).pings == 0
+    from asyncgone._state import state_of
+
+    state = state_of(engine)
+    assert state is not None
+    assert state.options.ping_after == 0
+    with pytest.raises(ConfigurationError, match="pool_pre_ping=True or ping_after"):
+        asyncgone.create_engine(url, pool_pre_ping=True, ping_after=5)
+    with pytest.raises(ConfigurationError, match="pool_pre_ping must be True or False"):
+        asyncgone.create_engine(url, pool_pre_ping="yes")
