@@ -152,6 +152,9 @@ class EngineState:
         self.driver = driver
         self.pool_recycle = pool_recycle
         self.killer: StatementKiller | None = None
+        # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
+        # an engine nobody exports pays nothing for them.
+        self.metrics: Any = None  # a _metrics.PoolMetrics once installed
         # The shortest idle time, over every connection opened so far, that the keepalive's
         # automatic interval must stay under: its idle limit, and its server's wait_timeout
         # (less a margin) even when the idle limit is off.
