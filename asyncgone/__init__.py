@@ -39,6 +39,7 @@ from ._errors import (
     is_disconnect,
     is_unavailable,
 )
+from ._groups import ScopeGroup
 from ._keepalive import Keepalive, keepalive
 from ._session import DEFAULT_CLEANUP_TIMEOUT, DEFAULT_SESSION_OPTIONS, SessionScope
 from ._state import stats
@@ -73,6 +74,7 @@ __all__ = [
     "PoolStatus",
     "Reason",
     "RunOptions",
+    "ScopeGroup",
     "SessionScope",
     "Stats",
     "TCPKeepalive",

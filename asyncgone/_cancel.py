@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _drivers
+from . import _drivers, _statements
 from ._connector import open_connection
 from ._errors import error_code
 from ._state import EngineState, state_of
@@ -55,7 +55,11 @@ class StatementKiller:
             thread = _drivers.thread_id(ctx.connection.connection.driver_connection)
         except Exception:  # the connection is already gone: nothing is running on it
             return
-        if thread is None:
+        self.stop(thread)
+
+    def stop(self, thread: int | None) -> None:
+        """Send ``KILL QUERY`` for the server connection ``thread``, in the background."""
+        if thread is None or self._connect.params is None:
             return
         task = asyncio.get_running_loop().create_task(self._kill(thread))
         self._tasks.add(task)
@@ -69,9 +73,9 @@ class StatementKiller:
         try:
             conn = await open_connection(state.driver, params, state.connect_timeout)
             try:
-                await bounded(_drivers.execute(conn, f"KILL QUERY {int(thread)}"), timeout)
+                await bounded(_statements.execute(conn, f"KILL QUERY {int(thread)}"), timeout)
             finally:
-                await _drivers.close(conn, timeout)
+                await _statements.close(conn, timeout)
         except Exception as exc:
             if error_code(exc) == _UNKNOWN_THREAD:
                 # The connection ended before the KILL arrived: nothing runs on it any more.

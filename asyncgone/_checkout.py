@@ -25,9 +25,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from ._drivers import ping, thread_id
+from ._drivers import thread_id
 from ._errors import describe
 from ._state import ConnectionHolder, EngineState, holder_of
+from ._statements import ping
 from ._stats import Reason
 from ._waits import bounded
 
@@ -62,7 +63,7 @@ def verdict(
     after which a ping is due (None: never); ``horizon`` retires a connection whose lifetime
     ends within that many seconds (the keepalive's next round).
     """
-    if holder.loop is not asyncio.get_running_loop():
+    if holder.loop() is not asyncio.get_running_loop():
         return Reason.FOREIGN_LOOP
     if holder.created < state.invalid_before:
         return Reason.POOL_INVALIDATED

@@ -11,6 +11,7 @@ engine's own dialect instance (``create_async_engine`` makes one per engine):
 
 - a connection opened on another event loop is released without calling into that loop;
 - a connection known dead has its socket aborted: nothing is sent, nothing can fail;
+- a TLS connection closed politely has its transport aborted once COM_QUIT is sent;
 - a disconnect error while closing is the expected end of a dead connection, logged at DEBUG;
 - a cancellation raised by the close, after the driver closed the socket, is absorbed (see
   ``absorb_cancellation``) so that SQLAlchemy completes the pool's bookkeeping: otherwise
@@ -49,8 +50,14 @@ def _guarded(close: Callable[[Any], None], driver: DriverSupport) -> Callable[[A
             driver.abort(conn)
             return
         handling = sys.exc_info()[1]  # usually the error that got the connection invalidated
+        tls = driver.tls_transport(conn)  # before the close: the driver forgets it then
         try:
             close(dbapi_connection)
+            if tls is not None:
+                # COM_QUIT told the server; asyncio's TLS layer would still wait for the
+                # server's close_notify, with nothing waiting for it, and a loop that ends
+                # meanwhile leaves the socket open (ResourceWarning at collection).
+                tls.abort()
         except asyncio.CancelledError as cancelled:
             driver.abort(conn)
             absorb_cancellation(cancelled, handling)

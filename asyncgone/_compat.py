@@ -30,9 +30,12 @@ __all__ = [
     "can_keep",
     "give_back",
     "idle_records",
+    "max_overflow",
     "open_idle",
     "reconnect",
     "scope_will_redeliver",
+    "statement_done",
+    "statement_running",
     "take_idle",
     "test_loop_runner",
 ]
@@ -84,6 +87,15 @@ def give_back(pool: QueuePool, record: ConnectionPoolEntry) -> None:
     pool._do_return_conn(record)
 
 
+def max_overflow(pool: QueuePool) -> int | None:
+    """The pool's ``max_overflow``; None when unlimited or when the pool keeps it elsewhere.
+
+    QueuePool keeps it only in ``_max_overflow`` (SQLAlchemy 2.0 and 2.1; -1: unlimited).
+    """
+    overflow = getattr(pool, "_max_overflow", None)
+    return overflow if isinstance(overflow, int) and overflow >= 0 else None
+
+
 def idle_records(pool: QueuePool) -> list[ConnectionPoolEntry]:
     """A snapshot of the pool's idle records, not taken out of it (empty if unknown)."""
     queue = getattr(getattr(pool, "_pool", None), "_queue", None)
@@ -112,6 +124,28 @@ def open_idle(pool: QueuePool) -> ConnectionPoolEntry | None:
 def reconnect(record: ConnectionPoolEntry) -> None:
     """Open a new connection in a record whose connection was closed (in the greenlet)."""
     record.get_connection()  # type: ignore[attr-defined]
+
+
+# -- SQLAlchemy: the async adapters' statement lock --------------------------------------------
+
+
+def statement_running(adapted: Any) -> bool:
+    """Whether a statement runs on an adapted connection right now (see ``statement_done``)."""
+    mutex = getattr(adapted, "_execute_mutex", None)
+    return isinstance(mutex, asyncio.Lock) and mutex.locked()
+
+
+async def statement_done(adapted: Any) -> None:
+    """Wait until no statement runs on an adapted (DBAPI-level) connection.
+
+    SQLAlchemy's asyncio adapters (2.0 and 2.1) serialise statements on a connection with
+    an ``asyncio.Lock`` in ``_execute_mutex``; acquiring it waits for the one in flight.
+    Without that shape there is nothing to wait on, and the caller goes ahead.
+    """
+    mutex = getattr(adapted, "_execute_mutex", None)
+    if isinstance(mutex, asyncio.Lock):
+        async with mutex:
+            pass
 
 
 # -- anyio: cancel scopes ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 from ._connector import connector_for
 from ._errors import ConfigurationWarning, describe
 from ._invalidation import LOST_CONNECTION
+from ._loops import LoopWatch
 from ._server import ServerFacts, auto_idle_limit, read_facts, recycle_warning
 from ._sockets import apply_tcp_keepalive
 from ._state import ConnectionHolder, EngineState, lifetime_deadline
@@ -43,11 +44,13 @@ class ConnectSetup:
         self._dbapi = dbapi
         self._read_facts = True
         self._connector = connector_for(state.driver, state.connect_timeout)
+        self._loops: LoopWatch | None = None
         self.params: dict[str, Any] | None = None
 
     def install(self, engine: Engine) -> None:
-        # A NullPool never reuses a connection, so idle limits have nothing to do.
+        # A NullPool never reuses a connection: no idle limits, nothing idle at loop end.
         self._read_facts = not isinstance(engine.pool, NullPool)
+        self._loops = LoopWatch(engine) if self._read_facts else None
         event.listen(engine, "do_connect", self.on_do_connect)
         event.listen(engine, "connect", self.on_connect)
 
@@ -89,13 +92,13 @@ class ConnectSetup:
             self._warn_about_recycle(facts.wait_timeout)
         state.smallest_idle_limit = min(state.smallest_idle_limit, idle_limit, server_limit)
         now = time.monotonic()
+        loop = asyncio.get_running_loop()
         holder = ConnectionHolder(
-            now,
-            lifetime_deadline(now, options.max_lifetime),
-            idle_limit,
-            asyncio.get_running_loop(),
+            now, lifetime_deadline(now, options.max_lifetime), idle_limit, loop
         )
         holder.remember(record)
+        if self._loops is not None:
+            self._loops.adopt(loop, dbapi_connection)
 
     def _facts(self, dbapi_connection: Any) -> ServerFacts:
         timeout = self._state.options.ping_timeout

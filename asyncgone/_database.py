@@ -141,6 +141,11 @@ class Database:
         return self._lifecycle is _Lifecycle.STARTED
 
     @property
+    def cleanup_timeout(self) -> float:
+        """Seconds a session's rollback and close, or the disposal, may take."""
+        return self._cleanup_timeout
+
+    @property
     def engine(self) -> AsyncEngine:
         """The ``AsyncEngine``, available between ``start()`` and ``close()``."""
         if self._lifecycle is not _Lifecycle.STARTED or self._engine is None:

@@ -42,15 +42,13 @@ from ._waits import bounded
 
 __all__ = [
     "DriverSupport",
-    "close",
+    "abort_connection",
     "connect_error",
-    "execute",
-    "fetch_row",
     "is_tcp",
     "new_connection",
-    "ping",
     "support_for",
     "thread_id",
+    "transport",
     "transport_socket",
 ]
 
@@ -217,6 +215,12 @@ class DriverSupport:
         counter = conn.__dict__.get("cursor") if hasattr(conn, "__dict__") else None
         return counter.count if isinstance(counter, _CountingCursor) else None
 
+    def streaming(self, conn: Any) -> bool:
+        """Whether an unbuffered result (a server-side cursor, ``session.stream()``) is
+        still being read: sending anything now would first read all its remaining rows."""
+        # aiomysql keeps a bool, asyncmy (a Cython class) an int.
+        return bool(getattr(getattr(conn, "_result", None), "unbuffered_active", False))
+
     def transaction_ended(self, conn: Any, ended_at: int | None) -> bool:
         """Tell whether no transaction can be open: SQLAlchemy ended one when ``conn`` had
         created ``ended_at`` cursors, it created none since, and the driver's last reply
@@ -251,12 +255,14 @@ class DriverSupport:
         Used on connections already judged dead, so that SQLAlchemy's own close afterwards
         has nothing to wait for on a network path that may not answer.
         """
+        abort_connection(conn)
+
+    def tls_transport(self, conn: Any) -> Any:
+        """The connection's transport if it speaks TLS, else None."""
         transport = _transport(conn)
-        if transport is not None and isinstance(transport, asyncio.WriteTransport):
-            transport.abort()
-        close = getattr(conn, "close", None)
-        if callable(close):
-            close()
+        if transport is None or transport.get_extra_info("ssl_object") is None:
+            return None
+        return transport
 
     def foreign(self, conn: Any) -> bool:
         """Whether ``conn`` belongs to an event loop other than the running one, or to a
@@ -354,47 +360,13 @@ def support_for(dialect: Dialect) -> DriverSupport:
     return DriverSupport(dialect)
 
 
-async def ping(conn: Any) -> None:
-    """Send COM_PING and wait for the answer, never reconnecting."""
-    await _maybe_await(conn.ping(False))
+def transport(conn: Any) -> Any:
+    """A driver connection's asyncio transport (TLS included), or None once closed."""
+    return _transport(conn)
 
 
-async def _cursor(conn: Any) -> Any:
-    return await _maybe_await(conn.cursor())  # aiomysql: cursor() returns an awaitable
-
-
-async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
-    """Run one query on the raw driver connection and return its first row."""
-    cursor = await _cursor(conn)
-    try:
-        await cursor.execute(sql)
-        row = await _maybe_await(cursor.fetchone())
-    finally:
-        await _maybe_await(cursor.close())
-    return None if row is None else tuple(row)
-
-
-async def execute(conn: Any, sql: str) -> None:
-    """Run one statement that returns no rows on the raw driver connection."""
-    cursor = await _cursor(conn)
-    try:
-        await cursor.execute(sql)
-    finally:
-        await _maybe_await(cursor.close())
-
-
-async def close(conn: Any, timeout: float) -> None:
-    """Close politely (COM_QUIT) within ``timeout``, else abort the socket; never fails."""
-    try:
-        await bounded(conn.ensure_closed(), timeout)
-    except asyncio.CancelledError:
-        _abort_quietly(conn)
-        raise
-    except Exception:
-        _abort_quietly(conn)
-
-
-def _abort_quietly(conn: Any) -> None:
+def abort_connection(conn: Any) -> None:
+    """Close a driver connection's socket at once, then let the driver mark it closed."""
     transport = _transport(conn)
     if transport is not None and isinstance(transport, asyncio.WriteTransport):
         transport.abort()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ._drivers import fetch_row
+from ._statements import fetch_row
 from ._waits import bounded
 
 __all__ = ["FACTS_SQL", "ServerFacts", "auto_idle_limit", "read_facts", "recycle_warning"]

@@ -7,7 +7,8 @@
   disconnect while COMMIT is in flight raises ``CommitOutcomeUnknown`` (chained to the
   driver's error), because the server may or may not have applied it;
 - on any exception it rolls back and re-raises that exception; a rollback or close that
-  fails is logged and attached to it as a note, never raised in its place;
+  fails is logged and attached to it as a note, never raised in its place; the objects the
+  work loaded stay readable (detached with their values, not expired) for error handlers;
 - rollback and close run in ``finish()``: bounded, and completed even while the caller is
   being cancelled (asyncio or anyio), so a cancelled session never strands its connection.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -24,9 +26,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util import greenlet_spawn
 
+from ._compat import statement_running
 from ._config import seconds
+from ._drivers import thread_id
 from ._errors import CommitOutcomeUnknown, add_note, is_disconnect
+from ._groups import register
+from ._reaper import ENDED, busy_elsewhere, reap
 from ._state import state_of
 from ._url import mask
 from ._waits import finish
@@ -42,7 +49,7 @@ DEFAULT_CLEANUP_TIMEOUT = 5.0
 #: without a lazy load, which async code cannot do implicitly.
 DEFAULT_SESSION_OPTIONS: Mapping[str, Any] = {"expire_on_commit": False}
 
-_CONNECTIONS = "asyncgone.connections"
+_CONNECTIONS = "asyncgone.connections"  # the connections its transactions used
 _COMMITS_BEGUN = "asyncgone.commits_begun"
 _COMMITS_DONE = "asyncgone.commits_done"
 _tracking_classes: dict[type[Session], type[Session]] = {}
@@ -67,7 +74,13 @@ def _tracking_class(base: type[Session]) -> type[Session]:
 def _remember_connection(
     session: Session, transaction: SessionTransaction, conn: Connection
 ) -> None:
-    session.info.setdefault(_CONNECTIONS, []).append(conn)
+    info = session.info
+    info.setdefault(_CONNECTIONS, []).append(conn)
+    bound = info.get(ENDED)
+    if bound is not None:
+        # Its scope ended already: a task still holding the session began a transaction.
+        # Close the session once that task is done with it, not at garbage collection.
+        reap(session, bound)
 
 
 def _commit_begins(session: Session) -> None:
@@ -152,6 +165,7 @@ class SessionScope:
         if self._session is not None:
             raise RuntimeError("a session scope can be entered once; open a new one")
         self._session = AsyncSession(self.engine, **self._options)
+        register(self)  # with the request's ScopeGroup, if an integration opened one
         return self._session
 
     @property
@@ -197,6 +211,24 @@ class SessionScope:
         if self._session is not None:
             await self._cleanup(self._session, error, rollback=True)
 
+    def stop_statements(self) -> None:
+        """Stop, with ``KILL QUERY``, what the session's connections run right now (a
+        statement in flight, a result still being read); for a request whose client hung
+        up. The connections stay with the task that uses them, which then sees the
+        statement interrupted."""
+        session = self._session
+        if session is None:
+            return
+        for conn in session.info.get(_CONNECTIONS, []):
+            if conn.closed or conn.invalidated:
+                continue
+            state = state_of(conn.engine)
+            if state is None or state.killer is None:
+                continue
+            raw = conn.connection.driver_connection
+            if statement_running(conn.connection.dbapi_connection) or state.driver.streaming(raw):
+                state.killer.stop(thread_id(raw))
+
     async def __aenter__(self) -> AsyncSession:
         return self.open()
 
@@ -230,12 +262,16 @@ class SessionScope:
     ) -> None:
         """Roll back (on error) and close: bounded, completed even under cancellation, and
         never raising in place of ``error``."""
+        session.info[ENDED] = self._cleanup_timeout
         try:
-            await finish(
+            released = await finish(
                 _release(session, error, rollback=rollback),
                 self._cleanup_timeout,
                 "session cleanup",
             )
+            if not released:
+                # Another task is inside the session: close it when that task is done.
+                reap(session.sync_session, self._cleanup_timeout)
         except TimeoutError:
             log.warning(
                 "session cleanup took longer than %s s and was abandoned; its connection is "
@@ -246,13 +282,81 @@ class SessionScope:
                 add_note(error, "asyncgone: the session cleanup after this error timed out")
 
 
-async def _release(session: AsyncSession, error: BaseException | None, *, rollback: bool) -> None:
-    """Run the cleanup steps in order; a failed step is logged and noted, the next one runs."""
-    steps = [("rollback", session.rollback), ("close", session.close)]
+async def _stop_streams(session: AsyncSession) -> None:
+    """Stop results the session is still reading (``session.stream()``, server-side
+    cursors): ``KILL QUERY``, then discard the connection.
+
+    A ROLLBACK on such a connection would first read every remaining row of the result (the
+    drivers drain it before sending anything), and the statement would run on meanwhile. The
+    KILL goes first, over another connection: the server stops the statement even where it
+    would not notice the closed socket (a query still computing). The connection is
+    discarded; the server rolls its transaction back when it goes.
+    """
+    for conn in session.info.get(_CONNECTIONS, []):
+        if conn.closed or conn.invalidated:
+            continue
+        state = state_of(conn.engine)
+        raw = conn.connection.driver_connection
+        if state is None or not state.driver.streaming(raw):
+            continue
+        if state.killer is not None:
+            state.killer.stop(thread_id(raw))
+        await greenlet_spawn(conn.invalidate)
+        log.debug("discarded a connection whose result was still being read")
+
+
+async def _rollback_keeping_values(session: AsyncSession) -> None:
+    """Roll back, leaving the objects the work loaded readable.
+
+    ``rollback()`` expires every object in the session, so reading an attribute afterwards
+    needs a lazy load, which async code cannot do implicitly (``MissingGreenlet``), or, once
+    the session is closed, fails (``DetachedInstanceError``): exactly what an error handler
+    that logs the object meets. Detached first, the objects keep the values they had when
+    the block failed (changes included, though the server rolled them back).
+    """
+    session.expunge_all()
+    await session.rollback()
+
+
+def _statement_elsewhere(session: AsyncSession) -> bool:
+    """Whether a statement runs on one of the session's connections (from another task: the
+    scope's own task is not inside one when the scope ends)."""
+    return any(
+        not conn.closed
+        and not conn.invalidated
+        and statement_running(conn.connection.dbapi_connection)
+        for conn in session.info.get(_CONNECTIONS, [])
+    )
+
+
+async def _release(session: AsyncSession, error: BaseException | None, *, rollback: bool) -> bool:
+    """Run the cleanup steps in order; a failed step is logged and noted, the next one runs.
+
+    Returns False when another task was inside the session (the close could not happen).
+    """
+    if _statement_elsewhere(session):
+        # Another task runs a statement on this session's connection: a ROLLBACK sent now
+        # would interleave with that statement's reply. The reaper closes the session once
+        # the statement is done.
+        if error is not None:
+            add_note(
+                error,
+                "asyncgone: another task was running a statement on this session; it is "
+                "closed once that statement ends",
+            )
+        return False
+    await _stop_streams(session)
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("rollback", partial(_rollback_keeping_values, session)),
+        ("close", session.close),
+    ]
+    closed = True
     for name, step in steps if rollback else steps[1:]:
         try:
             await step()
         except Exception as cleanup_error:
+            if name == "close" and busy_elsewhere(cleanup_error):
+                closed = False
             # A dead connection makes these fail routinely; anything else deserves attention.
             level = logging.DEBUG if is_disconnect(cleanup_error) else logging.WARNING
             log.log(level, "session %s failed: %s", name, cleanup_error)
@@ -262,3 +366,4 @@ async def _release(session: AsyncSession, error: BaseException | None, *, rollba
                     f"asyncgone: the session {name} after this error also failed: "
                     f"{cleanup_error!r}",
                 )
+    return closed

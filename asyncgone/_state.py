@@ -90,8 +90,9 @@ class ConnectionHolder:
         # clears it, and so does the keepalive for connections it opens in the background.
         self.fresh = True
         # The event loop the connection's transport belongs to: it cannot be used, nor even
-        # closed politely, from any other.
-        self.loop = loop
+        # closed politely, from any other. Weakly: a closed loop must not stay in memory
+        # until the record reconnects.
+        self.loop = weakref.ref(loop)
         # How many cursors the connection had created when SQLAlchemy last ended its
         # transaction (see _reset); None until it has.
         self.ended_at: int | None = None

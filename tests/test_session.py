@@ -7,8 +7,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Integer, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import asyncgone
 from asyncgone.testing import FaultProxy
@@ -19,6 +20,16 @@ pytestmark = pytest.mark.anyio
 
 class Boom(Exception):
     pass
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Row(Base):
+    __tablename__ = "ag_session_objects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    v: Mapped[int] = mapped_column(Integer)
 
 
 @pytest.fixture
@@ -144,3 +155,23 @@ async def test_cleanup_on_a_blackholed_connection_is_bounded(url: str) -> None:
             proxy.restore()
             async with db.session() as session:  # the pool works on
                 assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_loaded_objects_stay_readable_after_a_failed_block(engine: AsyncEngine) -> None:
+    """An error handler may read the objects a failed block loaded: asyncgone's cleanup
+    detaches them before rolling back, so no lazy load (MissingGreenlet) or detached expired
+    state (DetachedInstanceError) meets it; the server rolled the change back."""
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    async with asyncgone.managed_session(engine) as session:
+        session.add(Row(id=3, v=30))
+    with pytest.raises(Boom):
+        async with asyncgone.managed_session(engine) as session:
+            row = (await session.execute(select(Row))).scalar_one()
+            row.v = 40
+            await session.flush()
+            raise Boom
+    assert (row.id, row.v) == (3, 40)  # readable, as the block left it
+    async with asyncgone.managed_session(engine) as session:
+        assert (await session.execute(select(Row.v))).scalars().all() == [30]

@@ -37,6 +37,7 @@ task group of its own). Per HTTP request it:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -47,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, SessionScope, is_unavailable
+from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, ScopeGroup, SessionScope, is_unavailable
 
 __all__ = [
     "DatabaseMiddleware",
@@ -142,8 +143,9 @@ def get_session(request: Request) -> AsyncSession:
     return request_session.get()
 
 
-class _ClientDisconnected(Exception):
-    """The client went away before the response was complete."""
+class _ClientDisconnected(OSError):
+    """The client went away before the response was complete (an ``OSError``, as ASGI 2.4
+    servers raise from ``send``)."""
 
 
 class _ErrorResponse(Exception):
@@ -180,9 +182,13 @@ class DatabaseMiddleware:
             return
         request_session = RequestSession(self.db)
         scope.setdefault("state", {})[STATE_KEY] = request_session
-        progress = {"started": False, "done": False}
+        progress = _Progress()
 
         async def send_wrapper(message: Message) -> None:
+            if progress.hung_up:
+                # What ASGI 2.4 servers do: a task still sending to a client that is gone
+                # (a streaming response's body) learns it here and stops.
+                raise _ClientDisconnected("the client disconnected")
             if message["type"] == "http.response.start":
                 # Committed before the status line leaves: a client that sees success can
                 # read its write at once, and a failed commit can still become an error.
@@ -190,70 +196,109 @@ class DatabaseMiddleware:
                     await request_session.abort(_ErrorResponse(message["status"]))
                 else:
                     await request_session.commit()
-                progress["started"] = True
+                progress.started = True
             elif message["type"] == "http.response.body" and not message.get("more_body"):
-                progress["done"] = True
+                progress.done = True
             await send(message)
 
+        group = ScopeGroup()
         try:
-            if self.cancel_on_disconnect:
-                disconnected = await self._run_until_disconnect(
-                    scope, receive, send_wrapper, progress
-                )
-            else:
-                await self.app(scope, receive, send_wrapper)
-                disconnected = False
+            with group.collecting():
+                if self.cancel_on_disconnect:
+                    await self._run_until_disconnect(scope, receive, send_wrapper, progress)
+                else:
+                    await self.app(scope, receive, send_wrapper)
         except Exception as exc:
             await request_session.abort(exc)
-            if progress["started"] or not is_unavailable(exc):
+            if progress.started or not is_unavailable(exc):
                 raise
             await self.on_unavailable(exc)(scope, receive, send)
             return
         except BaseException as exc:  # cancelled from outside: clean up, keep cancelling
             await request_session.abort(exc)
             raise
-        if disconnected:
+        if progress.hung_up:
             await request_session.abort(_ClientDisconnected())
+            # Sessions the request's other tasks still hold (a background task it started):
+            # their statements stopped, their tasks cancelled.
+            await group.abandon(self.db.cleanup_timeout)
         else:
             await request_session.commit()  # a response was never started: nothing to wait for
 
     async def _run_until_disconnect(
-        self, scope: Scope, receive: Receive, send: Send, progress: dict[str, bool]
-    ) -> bool:
-        """Run the app, reading ``receive`` on its behalf; cancel it if the client leaves.
+        self, scope: Scope, receive: Receive, send: Send, progress: _Progress
+    ) -> None:
+        """Run the app in a task of its own, reading ``receive`` on its behalf; cancel that
+        task if the client leaves before the response is complete.
 
         A pump owns the server's ``receive`` (two readers would race for its messages) and
-        forwards every message to the app; an ``http.disconnect`` before the response is
-        complete cancels the app. Returns whether that happened.
+        forwards every message to the app. The app runs in its own task so that a plain
+        ``Task.cancel()`` reaches it: an anyio cancel scope cancels only a task found
+        waiting, and one fed continuously by a socket (rows streaming in) never is.
         """
         to_app, for_app = anyio.create_memory_object_stream[Message](math.inf)
-        gone = False
+        loop = asyncio.get_running_loop()
+        app_task: asyncio.Task[None] = loop.create_task(
+            _call(self.app, scope, for_app.receive, send)
+        )
 
-        async def pump(cancel: anyio.CancelScope) -> None:
-            nonlocal gone
+        async def pump() -> None:
             while True:
                 message = await receive()
                 to_app.send_nowait(message)
                 if message["type"] == "http.disconnect":
-                    if not progress["done"]:
-                        gone = True
-                        cancel.cancel()
+                    if not progress.done:
+                        progress.hung_up = True
+                        app_task.cancel("the client hung up")
                     return
 
-        error: Exception | None = None
-        async with to_app, for_app, anyio.create_task_group() as tg:
-            tg.start_soon(pump, tg.cancel_scope)
+        pumping = loop.create_task(pump())
+        try:
             try:
-                await self.app(scope, for_app.receive, send)
-            except Exception as exc:
-                # Raised after the task group, not through it, so that the endpoint's error
-                # reaches the outer middleware as itself, not wrapped in an ExceptionGroup.
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()  # the response is done: stop reading
-        if error is not None:
+                await asyncio.wait({app_task})
+            except asyncio.CancelledError:
+                # Cancelled from outside (a server shutting down): the app goes too, and its
+                # cleanup finishes before the cancellation goes on.
+                app_task.cancel()
+                await asyncio.wait({app_task}, timeout=self.db.cleanup_timeout)
+                raise
+        finally:
+            pumping.cancel()
+            await asyncio.wait({pumping})
+            to_app.close()
+            for_app.close()
+        if app_task.cancelled():
+            if progress.hung_up:
+                return
+            raise asyncio.CancelledError("the request's task was cancelled")
+        error = app_task.exception()
+        if error is not None and not (progress.hung_up and _after_hang_up(error)):
             raise error
-        return gone
+
+
+async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    await app(scope, receive, send)
+
+
+def _after_hang_up(error: BaseException) -> bool:
+    """Whether ``error`` is what stopping the app for a client that hung up raises: a
+    cancellation, the send that refused to go out, or a group of those (anyio's task
+    groups, as a streaming response uses)."""
+    grouped = getattr(error, "exceptions", None)  # an (exceptiongroup's, on 3.10) group
+    if isinstance(grouped, tuple):
+        return all(_after_hang_up(inner) for inner in grouped)
+    return isinstance(error, (asyncio.CancelledError, _ClientDisconnected, OSError))
+
+
+class _Progress:
+    """How far the response got, and whether the client hung up before it was complete."""
+
+    __slots__ = ("done", "hung_up", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+        self.hung_up = False
 
 
 def readiness(
