@@ -1,4 +1,9 @@
-"""The ``asyncgone`` command: ``doctor`` and ``demo`` (also ``python -m asyncgone``)."""
+"""The ``asyncgone`` command: ``doctor`` and ``demo`` (also ``python -m asyncgone``).
+
+``asyncgone --version`` (``-V``) prints the version. ``asyncgone`` without a command prints
+the help on stderr and exits 2, as argparse does for any other incomplete command line: a
+script that forgot its command must not pass for one that ran.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
-from typing import TYPE_CHECKING, TextIO
+import textwrap
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy.engine import URL
 
+from . import __version__
 from ._config import DEFAULT_CONNECT_TIMEOUT
 from ._errors import ConfigurationError, describe, error_code
 from ._url import ENV_VAR, mask, resolve_url
@@ -96,13 +104,28 @@ _REFUSALS: dict[int, tuple[int, str, str]] = {
 }
 _QUOTED_DATABASE = re.compile(r"database '([^']*)'")
 
+# Why a TLS handshake failed, by the OpenSSL reason Python's ssl module puts in brackets
+# ("[SSL: CERTIFICATE_VERIFY_FAILED] ..."), and what to do.
+_TLS_FAILURES = {
+    "CERTIFICATE_VERIFY_FAILED": "The server's certificate is not signed by a CA this client "
+    "trusts, or does not hold the host name of the URL: give the CA that signed it (ssl_ca= "
+    "in the URL, cafile= in ssl.create_default_context()) and connect by a name the "
+    "certificate holds.",
+    "WRONG_VERSION_NUMBER": "The server did not answer in TLS: it has no TLS configured "
+    "(SHOW VARIABLES LIKE 'have_ssl' says DISABLED; set ssl_cert and ssl_key), or this port "
+    "is not a MySQL server's.",
+}
+_TLS_REASON = re.compile(r"\[SSL(?:: (\w+))?\]")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncgone",
         description="Keep async SQLAlchemy on MySQL/MariaDB alive when connections die.",
+        epilog="'asyncgone COMMAND --help' describes a command. Start with: asyncgone demo",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-V", "--version", action="version", version=f"asyncgone {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands")
     doctor = commands.add_parser(
         "doctor",
         help="examine a server's settings and advise",
@@ -135,7 +158,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit code."""
     out = out or sys.stdout
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         if args.command == "doctor":
             return asyncio.run(_doctor(args, out))
@@ -152,9 +179,26 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_OK
 
 
-async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
-    from ._doctor import examine
+def _quiet_handshake_failures() -> None:
+    """Keep the running loop from logging failed TLS handshakes with a traceback.
 
+    Python 3.10's asyncio logs one that fails with something other than an ``OSError`` (such
+    as aiomysql given the URL's TLS settings as a dict) at ERROR; the connect that started it
+    fails with the same error, which the command explains on one line.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("SSL handshake failed"):
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
+async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from ._doctor import examine, tls_summary
+
+    _quiet_handshake_failures()
     url = resolve_url(args.url)
     try:
         report = await examine(url, args.timeout)
@@ -171,6 +215,7 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
 
     print(f"asyncgone doctor: {report.target}", file=out)
     show("server", f"{server['version']} ({server['version_comment']})")
+    show("tls", tls_summary(report.tls, report.network))
     show("round trip", f"{report.round_trip_ms:.2f} ms (median of 5 pings)")
     show(
         "wait_timeout",
@@ -205,13 +250,28 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         f"{derived['ping_after_s']:g} s idle; max lifetime {derived['max_lifetime_s']:g} s",
     )
     print("advice:", file=out)
+    # Wrapped as argparse wraps help (two columns short of the terminal, 80 when not a
+    # terminal); a long token such as a URL stays whole. The JSON keeps each one line.
+    width = max(shutil.get_terminal_size().columns - 2, 40)
     for line in report.advice:
-        print(f"  - {line}", file=out)
+        print(
+            textwrap.fill(
+                line,
+                width,
+                initial_indent="  - ",
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            ),
+            file=out,
+        )
     return EXIT_OK
 
 
 def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
     """Say why ``url`` could not be used: exit code, headline, and the details and remedy."""
+    from ._doctor import asks_for_tls
+
     target = mask(url)
     detail = describe(exc)
     code = error_code(exc)
@@ -221,10 +281,39 @@ def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
         # another one than the URL.
         named = _QUOTED_DATABASE.search(detail)
         database = named.group(1) if named else (url.database or "")
+        if code == 1045 and not asks_for_tls(url):
+            # MariaDB and MySQL refuse a REQUIRE SSL account over clear text with the very
+            # same error as a wrong password.
+            remedy += (
+                " An account that requires TLS (REQUIRE SSL) is refused the same way over "
+                "clear text: add ssl_ca=CA_FILE to an asyncmy URL."
+            )
         return (
             exit_code,
             headline.format(target=target, database=database),
             f"{detail}. {remedy.format(database=database)}",
+        )
+    tls = _TLS_REASON.search(detail)
+    if tls:
+        return (
+            EXIT_ERROR,
+            f"TLS with {target} failed",
+            f"{detail}. "
+            + _TLS_FAILURES.get(
+                tls.group(1) or "",
+                "Check the TLS settings (CA, client certificate and key, ciphers) against "
+                "the server's.",
+            ),
+        )
+    if code is None and isinstance(exc, (AttributeError, TypeError)) and asks_for_tls(url):
+        # SQLAlchemy hands the URL's ssl_* keys to the driver as a dict; aiomysql (0.2, 0.3)
+        # takes only an ssl.SSLContext and fails deep in the event loop's TLS code.
+        return (
+            EXIT_USAGE,
+            f"{url.get_driver_name()} cannot take TLS settings from the URL",
+            f"{detail}. The ssl_* keys reach the driver as a dict, and {url.get_driver_name()} "
+            "accepts only an ssl.SSLContext: use mysql+asyncmy:// for the URL form, or give "
+            "your engine connect_args={'ssl': ssl.create_default_context(cafile=CA_FILE)}.",
         )
     if isinstance(exc, TimeoutError):  # a step of ours, bounded by the timeout, overran
         return (
@@ -257,6 +346,8 @@ def _connect_failure(url: URL, exc: Exception, timeout: float) -> int:
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     from ._demo import run_demo, table
     from ._doctor import examine
+
+    _quiet_handshake_failures()
 
     # A URL on the command line must work; the defaults ($DATABASE_URL, then the local
     # server) may be replaced by a disposable server.

@@ -22,6 +22,14 @@ from .testing import FaultProxy
 __all__ = ["Outcome", "run_demo"]
 
 _HANG_LIMIT = 5.0  # how long the demo lets plain SQLAlchemy hang on a blackholed connection
+_IDLE_BEFORE_BLACKHOLE = 1.1  # past ping_after=1, so asyncgone pings at the next checkout
+_TICK = 1.0  # seconds between the dots that show a long wait is a wait, not a hang
+_LEGEND = (
+    "Each fault hits an idle pooled connection of plain SQLAlchemy and of asyncgone alike;\n"
+    "then each engine runs one query. 'ok in N s' is how long that first query after the\n"
+    "fault took, from asking the pool for a connection to the result (a dead connection's\n"
+    "replacement included)."
+)
 
 
 @dataclasses.dataclass
@@ -70,22 +78,42 @@ async def _side_by_side(
     url: URL,
     out: TextIO,
     break_it: Callable[[AsyncEngine, AsyncEngine], Awaitable[None]],
+    *,
+    waiting: str | None = None,
     **options: Any,
 ) -> Outcome:
-    """Warm one connection on each engine, break both the same way, then use them."""
+    """Warm one connection on each engine, break both the same way, then use them.
+
+    ``waiting`` announces a long wait; a dot every ``_TICK`` seconds then shows it going on.
+    """
     out.write(f"  {fault} ...")
+    if waiting:
+        out.write(f" {waiting}")
     out.flush()
     plain = create_async_engine(url, pool_size=1, **options.get("sqlalchemy", {}))
     ours = create_engine(url, pool_size=1, **options.get("asyncgone", {}))
+    ticker = asyncio.ensure_future(_tick(out)) if waiting else None
     try:
         await asyncio.gather(_unit(plain), _unit(ours))
         await break_it(plain, ours)
         plain_result, our_result = await asyncio.gather(_attempt(plain), _attempt(ours))
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
         await asyncio.gather(_dispose(plain), _dispose(ours))
     out.write(f" SQLAlchemy: {plain_result} | asyncgone: {our_result}\n")
     out.flush()
     return Outcome(fault, plain_result, our_result)
+
+
+async def _tick(out: TextIO) -> None:
+    """Write a dot every ``_TICK`` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(_TICK)
+        out.write(".")
+        out.flush()
 
 
 async def _dispose(engine: AsyncEngine) -> None:
@@ -95,7 +123,9 @@ async def _dispose(engine: AsyncEngine) -> None:
 
 
 async def run_demo(url: URL, out: TextIO) -> list[Outcome]:
-    """Run the four faults; print progress to ``out``; return the outcomes."""
+    """Run the four faults; print what the times mean, then progress, to ``out``; return
+    the outcomes."""
+    print(_LEGEND, file=out)
     admin = create_engine(url, pool_size=1)
     outcomes = []
     try:
@@ -130,7 +160,7 @@ async def run_demo(url: URL, out: TextIO) -> list[Outcome]:
             outcomes.append(await _side_by_side("connections reset (restart)", proxy.url, out, cut))
 
             async def blackhole(plain: AsyncEngine, ours: AsyncEngine) -> None:
-                await asyncio.sleep(1.1)  # idle, then the load balancer forgets the flows
+                await asyncio.sleep(_IDLE_BEFORE_BLACKHOLE)  # idle, then the LB forgets the flows
                 proxy.blackhole()
 
             outcomes.append(
@@ -139,6 +169,9 @@ async def run_demo(url: URL, out: TextIO) -> list[Outcome]:
                     proxy.url,
                     out,
                     blackhole,
+                    # Plain pre-ping never gives up by itself: say how long the demo lets it.
+                    waiting=f"waiting up to {_IDLE_BEFORE_BLACKHOLE + _HANG_LIMIT:.0f} s (a ping "
+                    "into a blackhole never answers) ",
                     sqlalchemy={"pool_pre_ping": True},
                     asyncgone={"ping_after": 1.0, "ping_timeout": 2.0},
                 )

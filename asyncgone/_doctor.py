@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import socket
 import statistics
 import time
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
-from . import _drivers
+from . import _drivers, _statements
 from ._config import DEFAULT_MAX_LIFETIME, DEFAULT_NETWORK_IDLE_LIMIT, DEFAULT_PING_AFTER
 from ._engine import create_engine
 from ._server import auto_idle_limit
 from ._url import mask
 from ._waits import bounded
 
-__all__ = ["Report", "examine"]
+__all__ = ["Report", "asks_for_tls", "examine", "tls_summary"]
 
 _VARIABLES = (
     ("version", "VERSION()"),
@@ -35,16 +37,30 @@ _VARIABLES = (
 )
 _PINGS = 5
 _SLEEPERS = 10
+# URL query keys that ask the driver for TLS (SQLAlchemy's MySQL dialects gather them into
+# the driver's ``ssl`` argument).
+_TLS_KEYS = ("ssl_ca", "ssl_capath", "ssl_cert", "ssl_key", "ssl_cipher", "ssl_check_hostname")
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """Everything ``doctor`` found out, ready for text or JSON."""
+    """Everything ``doctor`` found out, ready for text or JSON.
+
+    ``tls`` is this connection's encryption: ``encrypted``, ``version`` and ``cipher`` as
+    the server reports them (``Ssl_version``, ``Ssl_cipher``); ``client_encrypted``, and
+    whether the client verified the certificate (``certificate_verified``) and the host
+    name in it (``hostname_checked``), from the client's own TLS state (None without TLS).
+    ``network`` is the client's socket: ``transport`` (``tcp``, ``unix`` or ``unknown``),
+    ``peer`` (the address it talks to) and ``local`` (unix socket or loopback address;
+    None when unknown).
+    """
 
     target: str
     server: dict[str, Any]
     round_trip_ms: float
     threads_connected: int
+    tls: dict[str, Any]
+    network: dict[str, Any]
     sleeping: list[dict[str, Any]]
     derived: dict[str, float]
     advice: list[str]
@@ -54,7 +70,8 @@ class Report:
 
 
 async def examine(url: str | URL, timeout: float) -> Report:
-    """Connect once, read the server's limits, time a few pings, and advise."""
+    """Connect once, read the server's limits and the connection's encryption, time a few
+    pings, and advise."""
     engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout)
     try:
         async with engine.connect() as conn:
@@ -69,12 +86,21 @@ async def examine(url: str | URL, timeout: float) -> Report:
             rtts = []
             for _ in range(_PINGS):
                 started = time.perf_counter()
-                await bounded(_drivers.ping(raw), timeout)
+                await bounded(_statements.ping(raw), timeout)
                 rtts.append((time.perf_counter() - started) * 1000)
             threads = await bounded(
                 conn.execute(text("SHOW GLOBAL STATUS LIKE 'Threads_connected'")), timeout
             )
             threads_connected = int(threads.one()[1])
+            # The server's view of this very connection: empty values when it is clear text.
+            ssl_status = await bounded(
+                conn.execute(
+                    text("SHOW SESSION STATUS WHERE Variable_name IN ('Ssl_version', 'Ssl_cipher')")
+                ),
+                timeout,
+            )
+            tls = _tls(dict(ssl_status.tuples().all()), raw)
+            network = _network(raw)
             sleepers = await bounded(
                 conn.execute(
                     text(
@@ -106,10 +132,115 @@ async def examine(url: str | URL, timeout: float) -> Report:
         server=server,
         round_trip_ms=round(round_trip, 3),
         threads_connected=threads_connected,
+        tls=tls,
+        network=network,
         sleeping=sleeping,
         derived=derived,
-        advice=_advise(server, derived, round_trip, threads_connected, sleeping),
+        advice=[
+            *_advise_tls(tls, network, asked=asks_for_tls(url)),
+            *_advise(server, derived, round_trip, threads_connected, sleeping),
+        ],
     )
+
+
+def asks_for_tls(url: str | URL) -> bool:
+    """Whether the URL's query holds TLS settings (``ssl_ca=`` and the like)."""
+    return any(key in make_url(url).query for key in _TLS_KEYS)
+
+
+def _tls(status: dict[str, str], raw: Any) -> dict[str, Any]:
+    """This connection's encryption, as the server reports it and as the client holds it."""
+    version, cipher = status.get("Ssl_version") or None, status.get("Ssl_cipher") or None
+    # The transport's ssl.SSLObject (asyncio's and uvloop's TLS transports both expose it)
+    # knows what the client checked. _drivers owns the drivers' private attributes; the
+    # transport is all that is taken from it.
+    transport = _drivers.transport(raw)
+    ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
+    verified = hostname = None
+    if ssl_object is not None:
+        # getpeercert() is empty unless the chain was verified; check_hostname is what the
+        # handshake enforced on top of that.
+        verified = bool(ssl_object.getpeercert())
+        hostname = verified and bool(ssl_object.context.check_hostname)
+    return {
+        "encrypted": cipher is not None,
+        "version": version,
+        "cipher": cipher,
+        "client_encrypted": ssl_object is not None,
+        "certificate_verified": verified,
+        "hostname_checked": hostname,
+    }
+
+
+def _network(raw: Any) -> dict[str, Any]:
+    """Where the client's socket leads: a unix socket, a loopback address or the network."""
+    sock = _drivers.transport_socket(raw)
+    family = getattr(sock, "family", None)
+    if family == getattr(socket, "AF_UNIX", object()):
+        return {"transport": "unix", "peer": None, "local": True}
+    if not _drivers.is_tcp(sock):
+        return {"transport": "unknown", "peer": None, "local": None}
+    try:
+        peer = str(sock.getpeername()[0])
+        address = ipaddress.ip_address(peer.partition("%")[0])  # drop an IPv6 zone
+    except (OSError, ValueError):
+        return {"transport": "tcp", "peer": None, "local": None}
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return {"transport": "tcp", "peer": peer, "local": address.is_loopback}
+
+
+def _advise_tls(tls: dict[str, Any], network: dict[str, Any], *, asked: bool) -> list[str]:
+    """Advice on encryption: clear text across a network first, then weak verification."""
+    if not tls["client_encrypted"]:
+        advice = []
+        if asked:
+            advice.append(
+                "The URL asks for TLS (ssl_...), yet this connection is not encrypted: the "
+                "server offers no TLS, and aiomysql then goes on in clear text without a word "
+                "(asyncmy refuses). Configure TLS on the server (ssl_cert, ssl_key)."
+            )
+        if network["local"] is False:
+            advice.append(
+                f"This connection crosses the network to {network['peer']} in clear text: "
+                f"anyone on the path can read every query and result, and the login exchange, "
+                f"open to offline password guessing. Use TLS: connect_args={{'ssl': "
+                f"ssl.create_default_context(cafile=CA_FILE)}} with either driver, or "
+                f"?ssl_ca=CA_FILE in an asyncmy URL (see the TLS page of the documentation)."
+            )
+        return advice
+    if not tls["certificate_verified"]:
+        return [
+            "The connection is encrypted, but this client did not verify the server's "
+            "certificate: whatever answers on the way can pose as the server and read "
+            "everything. Give the client the CA that signed it (cafile= in "
+            "ssl.create_default_context(), or ssl_ca= in an asyncmy URL)."
+        ]
+    if not tls["hostname_checked"]:
+        return [
+            "The server's certificate was verified, but not the host name in it: any "
+            "certificate from that CA passes. Keep check_hostname on (as "
+            "ssl.create_default_context() does) and connect by a name the certificate holds."
+        ]
+    return []
+
+
+def tls_summary(tls: dict[str, Any], network: dict[str, Any]) -> str:
+    """The ``tls`` line of doctor's text report."""
+    if tls["encrypted"] and tls["client_encrypted"]:
+        checks = "certificate NOT verified"
+        if tls["certificate_verified"]:
+            checks = "certificate verified, host name " + (
+                "checked" if tls["hostname_checked"] else "NOT checked"
+            )
+        return f"{tls['version']}, {tls['cipher']}; {checks}"
+    if tls["client_encrypted"]:
+        return "TLS to something in between only: the server reports clear text"
+    where = {True: "on this machine", False: f"across the network to {network['peer']}"}
+    plain = f"none: clear text {where.get(network['local'], 'to an unknown peer')}"
+    if tls["encrypted"]:
+        return f"{plain}, then {tls['version']} from something in between to the server"
+    return plain
 
 
 def _plain(value: Any) -> Any:

@@ -7,15 +7,19 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from asyncgone import create_engine, keepalive
+from asyncgone import __version__, create_engine, keepalive
 from asyncgone._server import auto_idle_limit
+from asyncgone._url import mask
+from asyncgone.testing import FaultProxy, MariaDBServer, TLSCertificates
 from tests._support import Server
 
 FAULTS = (
@@ -34,9 +38,17 @@ PLAIN_FAILS = {
     "network blackhole (LB forgot the flow)": r"hung; gave up after \d+ s",
 }
 ASYNCGONE_OK = r"ok in \d+\.\d\d s(, replaced: \w+(, \w+)*)?"
+# A fault's line: its name, for a long wait what it waits for and a dot per second, then
+# both outcomes.
 PROGRESS = re.compile(
-    r"^  (?P<fault>.+?) \.\.\. SQLAlchemy: (?P<plain>.+?) \| asyncgone: (?P<ours>.+)$"
+    r"^  (?P<fault>.+?) \.\.\.(?P<waiting> waiting up to \d+ s \(.+?\) \.+)? "
+    r"SQLAlchemy: (?P<plain>.+?) \| asyncgone: (?P<ours>.+)$"
 )
+LEGEND = (
+    "'ok in N s' is how long that first query after the fault took, from asking the pool "
+    "for a connection to the result"
+)
+APP_USER, APP_PASSWORD = "app", "tls-only-secret"
 
 
 def asyncgone(
@@ -53,11 +65,13 @@ def asyncgone(
 
 
 def test_doctor_reports_and_advises(shared: Server) -> None:
-    """The human report names the server, its timeouts, the round trip, and advice."""
+    """The human report names the server, its encryption, its timeouts, the round trip, and
+    advice."""
     result = asyncgone("doctor", shared.url("asyncmy"))
     assert result.returncode == 0, result.stderr
     for expected in (
         "server",
+        "tls",
         "round trip",
         "wait_timeout",
         "max_allowed_packet",
@@ -65,6 +79,52 @@ def test_doctor_reports_and_advises(shared: Server) -> None:
         "idle limit",
     ):
         assert expected in result.stdout
+
+
+def test_version_is_printed_by_both_flags() -> None:
+    """``--version`` and ``-V`` print the package's version and exit 0."""
+    for flag in ("--version", "-V"):
+        result = asyncgone(flag)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"asyncgone {__version__}\n"
+
+
+def test_no_command_prints_the_help() -> None:
+    """Without a command, the whole help goes to stderr with exit code 2 (bad usage), not
+    argparse's error about a missing argument."""
+    result = asyncgone()
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == asyncgone("--help").stdout
+    for expected in ("usage: asyncgone", "doctor", "demo", "--version"):
+        assert expected in result.stderr
+    assert "required" not in result.stderr
+
+
+def advice_paragraphs(lines: list[str]) -> list[str]:
+    """The advice of doctor's text report, each piece unwrapped to one line."""
+    paragraphs: list[str] = []
+    for line in lines[lines.index("advice:") + 1 :]:
+        if line.startswith("  - "):
+            paragraphs.append(line[4:])
+        elif line.startswith("    ") and paragraphs:
+            paragraphs[-1] += " " + line.strip()
+    return paragraphs
+
+
+def test_doctor_wraps_its_advice_to_the_terminal(shared: Server) -> None:
+    """On a narrow terminal every advice line fits, continuations are indented under their
+    piece, and the JSON keeps each piece on one line."""
+    url = shared.url("asyncmy", init_command="SET SESSION wait_timeout=30")
+    as_text = asyncgone("doctor", url, env={"COLUMNS": "60"})
+    as_json = asyncgone("doctor", "--json", url, env={"COLUMNS": "60"})
+    assert as_text.returncode == 0, as_text.stderr
+    lines = as_text.stdout.splitlines()
+    advice = lines[lines.index("advice:") + 1 :]
+    assert len(advice) > len(json.loads(as_json.stdout)["advice"])  # something was wrapped
+    assert all(len(line) <= 60 for line in advice), advice
+    assert all(line.startswith(("  - ", "    ")) for line in advice), advice
+    assert advice_paragraphs(lines) == json.loads(as_json.stdout)["advice"]
 
 
 def test_doctor_json_follows_what_this_client_gets(shared: Server) -> None:
@@ -227,11 +287,15 @@ def summary(stdout: str) -> dict[str, tuple[str, str]]:
 
 
 def check_demo(stdout: str) -> None:
-    """Per fault: a progress line while it runs, then a table row, both with plain
-    SQLAlchemy failing in its column and asyncgone succeeding in its own."""
-    progress = {
-        m["fault"]: (m["plain"], m["ours"]) for m in map(PROGRESS.match, stdout.splitlines()) if m
-    }
+    """The demo first says what its times measure. Per fault: a progress line while it
+    runs (for the blackhole, what it waits for, then a dot per second of waiting), then a
+    table row, both with plain SQLAlchemy failing in its column and asyncgone succeeding in
+    its own."""
+    assert LEGEND in " ".join(stdout.split()), stdout
+    matches = [m for m in map(PROGRESS.match, stdout.splitlines()) if m]
+    progress = {m["fault"]: (m["plain"], m["ours"]) for m in matches}
+    waiting = [m["fault"] for m in matches if m["waiting"]]
+    assert waiting == ["network blackhole (LB forgot the flow)"], stdout
     table = summary(stdout)
     assert list(table) == list(FAULTS), stdout
     assert progress == table, stdout
@@ -305,30 +369,176 @@ def documented_doctor_sample() -> list[str]:
     return match.group(1).splitlines()
 
 
-def test_documented_doctor_sample_matches_the_console_script(shared: Server) -> None:
-    """The installed `asyncgone` command prints what the observability page shows: the same
-    labels, sections and value shapes, line by line (values differ from server to server)."""
-    url = shared.url("asyncmy")
-    with shared.admin():  # one sleeping connection, so that section is printed too
+@pytest.fixture(scope="module")
+def tls_server() -> Iterator[MariaDBServer]:
+    """A disposable MariaDB serving TLS, with an account that may only log in over TLS."""
+    with MariaDBServer(tls=True) as server:
+        server.create_user(APP_USER, APP_PASSWORD, require_tls=True)
+        yield server
+
+
+def app_url(server: MariaDBServer, driver: str = "asyncmy", port: int | None = None) -> str:
+    """The TLS-only account's URL (through ``port`` when given), without TLS settings."""
+    return Server(server.host, port or server.port, APP_USER, APP_PASSWORD).url(driver)
+
+
+def test_documented_doctor_sample_matches_the_console_script(tls_server: MariaDBServer) -> None:
+    """The installed `asyncgone` command prints what the observability page shows for a
+    verified TLS connection: the same labels, sections and value shapes, line by line
+    (values differ from server to server), and the same advice as an 80-column terminal
+    wraps it."""
+    url = f"{app_url(tls_server)}?ssl_ca={tls_server.ca_file}"
+    # One sleeping connection, so that section is printed too.
+    with Server(tls_server.host, tls_server.port).admin():
         time.sleep(1.1)
         script = Path(sys.executable).with_name("asyncgone")
         result = subprocess.run(
-            [str(script), "doctor", url], capture_output=True, text=True, timeout=60, check=False
+            [str(script), "doctor", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "80"},
         )
     assert result.returncode == 0, result.stderr
     printed = result.stdout.splitlines()
-    assert printed[0] == f"asyncgone doctor: {url}"
+    assert printed[0] == f"asyncgone doctor: {mask(url)}"
+    assert APP_PASSWORD not in result.stdout
     digits = re.compile(r"\d+(\.\d+)?")
-    for line in documented_doctor_sample()[1:]:
+    sample = documented_doctor_sample()
+    for line in sample[1 : sample.index("advice:") + 1]:
         if line.strip() in ("...", "") or line.startswith("        "):
             continue  # elided lines and the rows of the sleeping-connections table
         label = re.split(r" {2,}|(?<=:)$", line.rstrip(), maxsplit=1)[0]
-        if line.lstrip().startswith("- "):  # advice: the first words of each piece of advice
-            indent = line[: len(line) - len(line.lstrip())]
-            label = indent + " ".join(line.split()[:5])
         shape = digits.sub("N", line.rstrip().removesuffix(" ..."))
         assert any(p.startswith(label) for p in printed), f"no {label!r} line in:\n{result.stdout}"
         if not line.rstrip().endswith("..."):
             assert any(digits.sub("N", p) == shape for p in printed), (
                 f"the page shows {line!r}, the command prints nothing shaped like it"
             )
+    # Advice, wrapped as on an 80-column terminal; each documented piece (or its start, when
+    # it ends with "...") is printed.
+    documented_advice = sample[sample.index("advice:") :]
+    assert all(len(line) <= 80 for line in documented_advice), "advice wider than 80 columns"
+    printed_advice = [digits.sub("N", p) for p in advice_paragraphs(printed)]
+    for piece in advice_paragraphs(sample):
+        start = digits.sub("N", piece.removesuffix(" ...").removesuffix("..."))
+        assert any(p.startswith(start) for p in printed_advice), (piece, result.stdout)
+
+
+def test_doctor_reports_a_verified_tls_connection(tls_server: MariaDBServer) -> None:
+    """Over verified TLS, text and JSON give the version, cipher and checks the server and
+    client report, and no advice about encryption."""
+    url = f"{app_url(tls_server)}?ssl_ca={tls_server.ca_file}"
+    as_text, as_json = asyncgone("doctor", url), asyncgone("doctor", "--json", url)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    tls = report["tls"]
+    assert tls == {
+        "encrypted": True,
+        "version": "TLSv1.3",
+        "cipher": tls["cipher"],
+        "client_encrypted": True,
+        "certificate_verified": True,
+        "hostname_checked": True,
+    }
+    assert tls["cipher"].startswith("TLS_")
+    assert report["network"] == {"transport": "tcp", "peer": "127.0.0.1", "local": True}
+    assert not any("TLS" in advice or "clear text" in advice for advice in report["advice"])
+    assert as_text.returncode == 0, as_text.stderr
+    expected = (
+        f"  tls                 TLSv1.3, {tls['cipher']}; certificate verified, host name checked"
+    )
+    assert expected in as_text.stdout.splitlines()
+    assert APP_PASSWORD not in as_text.stdout + as_json.stdout
+
+
+def test_doctor_warns_about_an_unverified_certificate(tls_server: MariaDBServer) -> None:
+    """Encrypted without verification (asyncmy given TLS settings but no CA): the report
+    says the certificate was not verified, and the advice says who could pose as the server."""
+    result = asyncgone("doctor", f"{app_url(tls_server)}?ssl_check_hostname=false")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^  tls +TLSv1\.\d, \S+; certificate NOT verified$", result.stdout, re.M)
+    advice = " ".join(advice_paragraphs(result.stdout.splitlines()))
+    assert "this client did not verify the server's certificate" in advice
+
+
+def non_loopback_address() -> str:
+    """An address of this machine that is not a loopback one: the source of its default
+    route (connecting a UDP socket sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))
+        except OSError:
+            pytest.skip("this machine has no default route, hence no non-loopback address")
+        return str(probe.getsockname()[0])
+
+
+def test_doctor_warns_about_clear_text_across_the_network(tls_server: MariaDBServer) -> None:
+    """A clear-text connection to a non-loopback address is reported and warned about; the
+    same over TLS, or clear text on this machine, is not."""
+    address = non_loopback_address()
+    with FaultProxy(tls_server.host, tls_server.port, host=address) as proxy:
+        remote = f"mysql+asyncmy://root@{address}:{proxy.port}/test"
+        as_text, as_json = asyncgone("doctor", remote), asyncgone("doctor", "--json", remote)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["network"] == {"transport": "tcp", "peer": address, "local": False}
+    assert (report["tls"]["encrypted"], report["tls"]["client_encrypted"]) == (False, False)
+    warning = f"This connection crosses the network to {address} in clear text"
+    assert report["advice"][0].startswith(warning)
+    assert as_text.returncode == 0, as_text.stderr
+    assert f"  tls                 none: clear text across the network to {address}" in (
+        as_text.stdout.splitlines()
+    )
+    assert warning in " ".join(advice_paragraphs(as_text.stdout.splitlines()))
+
+    local = asyncgone("doctor", tls_server.url("asyncmy"))
+    assert local.returncode == 0, local.stderr
+    assert "  tls                 none: clear text on this machine" in local.stdout.splitlines()
+    assert "in clear text" not in local.stdout
+
+
+def test_doctor_tls_failures_say_what_to_do(tls_server: MariaDBServer, tmp_path: Path) -> None:
+    """A certificate from another CA, a TLS-only account without TLS, and TLS settings in an
+    aiomysql URL each get their own message, exit code and remedy, and no password."""
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_bytes(TLSCertificates.generate().ca_pem)
+    wrong_ca = asyncgone("doctor", f"{app_url(tls_server)}?ssl_ca={other_ca}")
+    assert wrong_ca.returncode == 1, wrong_ca.stderr
+    assert "asyncgone: TLS with mysql+asyncmy://app:***@" in wrong_ca.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stderr
+    assert "give the CA that signed it" in wrong_ca.stderr
+
+    clear = asyncgone("doctor", app_url(tls_server))
+    assert clear.returncode == 4, clear.stderr
+    assert "access denied" in clear.stderr
+    assert "An account that requires TLS (REQUIRE SSL) is refused the same way" in clear.stderr
+
+    # aiomysql leaks a socket when this fails: a process of its own keeps that out of the suite.
+    aiomysql_url = asyncgone(
+        "doctor", f"{app_url(tls_server, 'aiomysql')}?ssl_ca={tls_server.ca_file}"
+    )
+    assert aiomysql_url.returncode == 2, aiomysql_url.stderr
+    assert "aiomysql cannot take TLS settings from the URL" in aiomysql_url.stderr
+    assert "connect_args={'ssl': ssl.create_default_context(cafile=CA_FILE)}" in (
+        aiomysql_url.stderr
+    )
+    for result in (wrong_ca, clear, aiomysql_url):
+        assert APP_PASSWORD not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_doctor_notices_a_tls_request_answered_in_clear_text(disposable: Server) -> None:
+    """aiomysql given TLS settings by a server without TLS goes on in clear text: doctor
+    reports the connection unencrypted and says that the URL asked for TLS."""
+    [(have_ssl,)] = disposable.query("SELECT @@have_ssl")
+    if have_ssl != "DISABLED":  # MariaDB 11.4 and later make their own certificates
+        pytest.skip(f"the disposable server has TLS (have_ssl={have_ssl})")
+    # Any TLS setting will do: the server never offers TLS, so aiomysql never uses it.
+    url = disposable.url("aiomysql", ssl_check_hostname="false")
+    result = asyncgone("doctor", "--json", url)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tls"]["encrypted"] is False
+    assert report["advice"][0].startswith("The URL asks for TLS (ssl_...), yet this connection")

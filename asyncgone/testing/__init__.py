@@ -1,14 +1,16 @@
 """Tools for testing applications against connections that die: a fault-injecting TCP proxy,
-a disposable MariaDB server, and disposable multi-server topologies (a primary with GTID
-replicas, a Galera cluster) to fail over and take nodes out.
+a disposable MariaDB server (with TLS if asked), and disposable multi-server topologies (a
+primary with GTID replicas, a Galera cluster) to fail over and take nodes out.
 
     from asyncgone.testing import FaultProxy, GaleraCluster, MariaDBServer, ReplicationTopology
+    from asyncgone.testing import TLSCertificates
 """
 
 from ._galera import GaleraCluster
 from ._mariadb import AdminQueryError, MariaDBServer, ServerBinaryNotFound
 from ._proxy import FaultProxy
 from ._replication import ReplicationTopology
+from ._tls import TLSCertificates
 from ._topology import TopologyError
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "MariaDBServer",
     "ReplicationTopology",
     "ServerBinaryNotFound",
+    "TLSCertificates",
     "TopologyError",
 ]
 

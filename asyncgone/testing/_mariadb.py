@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import _tls
+
 if TYPE_CHECKING:
     from mirakuru import TCPExecutor
 
@@ -73,6 +75,10 @@ def _masked(sql: str) -> str:
     """The statement for an error message: passwords hidden, shortened to one line."""
     text = " ".join(_PASSWORD.sub(r"\1'***'", sql).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _unescape(field: str) -> str | None:
@@ -135,6 +141,8 @@ class MariaDBServer:
         log_bin: write a binary log (``mysql-bin.*`` in the data directory) instead of
             ``--skip-log-bin``; replication needs it.
         server_id: ``--server-id``; replication needs a distinct one per server.
+        tls: serve TLS: True with a new private CA's certificate for ``host``, or your own
+            ``TLSCertificates``; the ``tls`` and ``ca_file`` attributes then hold them, else None.
     """
 
     def __init__(
@@ -147,6 +155,7 @@ class MariaDBServer:
         startup_timeout: float = 60.0,
         log_bin: bool = False,
         server_id: int | None = None,
+        tls: bool | _tls.TLSCertificates = False,
     ) -> None:
         server = _find(_SERVER_BINARIES)
         install = _find(_INSTALL_BINARIES)
@@ -169,6 +178,8 @@ class MariaDBServer:
         self._tmpdir = self.basedir / "tmp"
         self._executor: TCPExecutor | None = None
         self._initialised = False
+        owner = "mysql" if self._as_root() else None  # the account mariadbd runs as
+        self.tls, self.ca_file = _tls.prepare(tls, host, self.basedir / "tls", owner)
 
     # -- URLs --------------------------------------------------------------------------------
 
@@ -234,6 +245,7 @@ class MariaDBServer:
             "--skip-name-resolve",
             "--innodb-buffer-pool-size=32M",
             "--innodb-log-file-size=16M",
+            *(_tls.server_flags(self.basedir / "tls") if self.tls else []),
             *user,
             *self.options,
         ]
@@ -353,6 +365,7 @@ class MariaDBServer:
             "--user=root",
             "--batch",
             f"--connect-timeout={max(1, int(timeout))}",
+            *([f"--ssl-ca={self.ca_file}"] if self.ca_file else []),  # require_secure_transport
         ]
         where = f"MariaDB {self.host}:{self.port}"
         try:
@@ -381,6 +394,15 @@ class MariaDBServer:
         return [
             dict(zip(names, map(_unescape, line.split("\t")), strict=False)) for line in lines[1:]
         ]
+
+    def create_user(self, user: str, password: str, *, require_tls: bool = False) -> None:
+        """Create (or replace) ``user``@``%`` with every privilege; ``require_tls`` makes it
+        ``REQUIRE SSL``, refused without TLS (1045). Raises ``AdminQueryError`` as ``query()``."""
+        account = f"{_literal(user)}@'%'"
+        self.query(
+            f"CREATE OR REPLACE USER {account} IDENTIFIED BY {_literal(password)}"
+            f"{' REQUIRE SSL' if require_tls else ''}; GRANT ALL PRIVILEGES ON *.* TO {account}"
+        )
 
     def value(self, sql: str, *, timeout: float = DEFAULT_QUERY_TIMEOUT) -> str | None:
         """Run a query returning one value (``SELECT @@read_only``) and return it as text.
