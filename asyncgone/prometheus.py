@@ -1,4 +1,4 @@
-"""Prometheus export of asyncgone's counters and the pool's figures.
+"""Prometheus export of asyncgone's counters, the pool's figures and its timings.
 
 ::
 
@@ -10,73 +10,93 @@
 
 Needs ``pip install 'asyncgone[prometheus]'``. Every sample carries an ``engine`` label
 (``name=``, by default the database URL's host and database). Counters follow Prometheus'
-conventions (``_total``; times in seconds); the pool's figures are gauges, read when scraped:
+conventions (``_total``; times in seconds); the pool's figures are gauges, read when scraped;
+the timings are histograms (``_bucket``, ``_sum``, ``_count``), measured from registration
+on (for a ``Database`` registered before ``start()``, from the first scrape after it):
 
-==========================================  =======  ========================================
-metric                                      type     meaning
-==========================================  =======  ========================================
-asyncgone_connections_opened_total          counter  connections opened
-asyncgone_checkouts_total                   counter  connections handed out by the pool
-asyncgone_checks_total                      counter  reused connections checked at checkout
-asyncgone_pings_total                       counter  COM_PINGs sent (checkout and keepalive)
-asyncgone_ping_failures_total               counter  pings that failed or timed out
-asyncgone_connections_replaced_total        counter  connections replaced, label ``reason``
-asyncgone_disconnect_errors_total           counter  disconnects met in use, label ``code``
-asyncgone_pool_invalidations_total          counter  pool-wide invalidations
-asyncgone_statements_killed_total           counter  KILL QUERY after a cancellation
-asyncgone_resets_total                      counter  ROLLBACKs sent on return to the pool
-asyncgone_resets_skipped_total              counter  returns that needed no ROLLBACK
-asyncgone_keepalive_runs_total              counter  keepalive rounds
-asyncgone_keepalive_pings_total             counter  pings sent by the keepalive
-asyncgone_keepalive_errors_total            counter  keepalive rounds that failed
-asyncgone_replays_total                     counter  units of work run again by ``run()``
-asyncgone_commit_outcome_unknown_total      counter  ``CommitOutcomeUnknown`` raised
-asyncgone_unavailable_total                 counter  ``DatabaseUnavailable`` raised by ``run()``
-asyncgone_connection_leaks_total            counter  checkouts held past ``leak_threshold``
-asyncgone_pool_size                         gauge    configured pool size
-asyncgone_pool_checked_out                  gauge    connections in use
-asyncgone_pool_idle                         gauge    connections idle in the pool
-asyncgone_pool_overflow                     gauge    connections open beyond the pool size
-==========================================  =======  ========================================
+==========================================  =========  ======================================
+metric                                      type       meaning
+==========================================  =========  ======================================
+asyncgone_connections_opened_total          counter    connections opened
+asyncgone_checkouts_total                   counter    connections handed out by the pool
+asyncgone_checks_total                      counter    reused connections checked at checkout
+asyncgone_pings_total                       counter    COM_PINGs sent (checkout and keepalive)
+asyncgone_ping_failures_total               counter    pings that failed or timed out
+asyncgone_connections_replaced_total        counter    connections replaced, label ``reason``
+asyncgone_disconnect_errors_total           counter    disconnects met in use, label ``code``
+asyncgone_pool_invalidations_total          counter    pool-wide invalidations
+asyncgone_statements_killed_total           counter    KILL QUERY after a cancellation
+asyncgone_resets_total                      counter    ROLLBACKs sent on return to the pool
+asyncgone_resets_skipped_total              counter    returns that needed no ROLLBACK
+asyncgone_keepalive_runs_total              counter    keepalive rounds
+asyncgone_keepalive_visits_total            counter    idle connections the keepalive visited
+asyncgone_keepalive_pings_total             counter    pings sent by the keepalive
+asyncgone_keepalive_errors_total            counter    keepalive rounds that failed
+asyncgone_replays_total                     counter    units of work run again by ``run()``
+asyncgone_commit_outcome_unknown_total      counter    ``CommitOutcomeUnknown`` raised
+asyncgone_unavailable_total                 counter    ``DatabaseUnavailable`` raised by ``run()``
+asyncgone_connection_leaks_total            counter    checkouts held past ``leak_threshold``
+asyncgone_pool_timeouts_total               counter    requests that hit ``pool_timeout``
+asyncgone_pool_size                         gauge      configured pool size
+asyncgone_pool_checked_out                  gauge      connections in use
+asyncgone_pool_idle                         gauge      live connections idle in the pool
+asyncgone_pool_idle_dead                    gauge      idle slots known dead (or empty)
+asyncgone_pool_overflow                     gauge      connections open beyond the pool size
+asyncgone_pool_pending_requests             gauge      requests waiting for a connection now
+asyncgone_pool_max                          gauge      pool_size + max_overflow (if limited)
+asyncgone_pool_idle_max                     gauge      most idle connections kept (pool_size)
+asyncgone_pool_idle_min                     gauge      ``min_idle`` (kept by the keepalive)
+asyncgone_connection_create_seconds         histogram  opening a connection, setup included
+asyncgone_connection_wait_seconds           histogram  obtaining a connection from the pool
+asyncgone_connection_use_seconds            histogram  checkout to return to the pool
+==========================================  =========  ======================================
+
+The OpenTelemetry exporter (``asyncgone.opentelemetry``) reports the same figures under the
+semantic conventions' names.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._database import Database, pool_status
-from ._state import stats
+from ._metrics import COUNTERS, PoolMetrics, instrument, limits
+from ._state import state_of
+from ._stats import Counters
 
 __all__ = ["AsyncGoneCollector", "register"]
 
-# Stats field -> (metric name without "asyncgone_" and "_total", help text)
-_COUNTERS = {
-    "connects": ("connections_opened", "Connections opened."),
-    "checkouts": ("checkouts", "Connections handed out by the pool."),
-    "checks": ("checks", "Reused connections checked at checkout."),
-    "pings": ("pings", "COM_PING round trips asyncgone sent."),
-    "ping_failures": ("ping_failures", "Pings that failed or timed out."),
-    "pool_invalidations": ("pool_invalidations", "Pool-wide invalidations."),
-    "kills": ("statements_killed", "Statements stopped with KILL QUERY after a cancellation."),
-    "resets": ("resets", "ROLLBACKs sent when a connection went back to the pool."),
-    "resets_skipped": ("resets_skipped", "Returns to the pool that needed no ROLLBACK."),
-    "keepalive_runs": ("keepalive_runs", "Keepalive rounds."),
-    "keepalive_pings": ("keepalive_pings", "Pings sent by the keepalive."),
-    "keepalive_errors": ("keepalive_errors", "Keepalive rounds that failed."),
-    "replays": ("replays", "Units of work Database.run() ran again."),
-    "commit_outcome_unknown": ("commit_outcome_unknown", "CommitOutcomeUnknown raised."),
-    "unavailable": ("unavailable", "DatabaseUnavailable raised by Database.run()."),
-    "leaks": ("connection_leaks", "Checkouts held longer than leak_threshold."),
+_TIMINGS = {
+    "create_time": ("create", "Seconds to open a connection, asyncgone's setup included."),
+    "wait_time": ("wait", "Seconds to obtain a connection from the pool."),
+    "use_time": ("use", "Seconds from checkout to the return to the pool."),
 }
 
 
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label, written as Prometheus' own client writes it."""
+    return "+Inf" if bound == math.inf else repr(bound)
+
+
 class AsyncGoneCollector(Collector):
-    """Reports one engine's counters and pool figures at every scrape."""
+    """Reports one engine's counters, pool figures and timings at every scrape.
+
+    Raises:
+        ConfigurationError: ``target`` is an engine not made by
+            ``asyncgone.create_engine()``.
+    """
 
     def __init__(self, target: AsyncEngine | Database, *, name: str | None = None) -> None:
         self._target = target
@@ -84,26 +104,60 @@ class AsyncGoneCollector(Collector):
             url = target.url
             name = f"{url.host or 'localhost'}/{url.database or ''}"
         self.name = name
+        self._metrics: PoolMetrics | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        engine = self._engine()
+        if engine is not None:
+            # Timings exist only from now on: start them at registration, not first scrape.
+            self._metrics = instrument(engine)
 
-    def _engine(self) -> AsyncEngine:
-        return self._target.engine if isinstance(self._target, Database) else self._target
+    def close(self) -> None:
+        """Take off the engine's timing hooks this collector asked for (the last exporter
+        using them removes them); call it after ``registry.unregister(collector)``. The
+        collector then reports no timings; calling it again does nothing."""
+        with self._lock:
+            metrics, self._metrics = self._metrics, None
+            self._closed = True
+        if metrics is not None:
+            metrics.release()
+
+    def _engine(self) -> AsyncEngine | None:
+        if not isinstance(self._target, Database):
+            return self._target
+        return self._target.engine if self._target.started else None
 
     def collect(self) -> Iterator[Metric]:
-        if isinstance(self._target, Database) and not self._target.started:
-            return  # nothing to report before start() or after close()
         engine = self._engine()
-        snapshot = stats(engine)
+        if engine is None:
+            return  # a Database before start() or after close(): nothing to report
+        state = state_of(engine, "asyncgone.prometheus")
+        assert state is not None  # state_of() raised otherwise
+        metrics = self._metrics
+        if metrics is None and not self._closed:  # a Database registered before start()
+            with self._lock:  # scrapes may run in several threads at once
+                if self._metrics is None and not self._closed:
+                    self._metrics = instrument(engine)
+                metrics = self._metrics
+        yield from self._counters(state.counters)
+        yield from self._pool(engine, metrics)
+        if metrics is not None:  # None once close()d
+            yield from self._timings(metrics)
+
+    def _counters(self, counters: Counters) -> Iterator[Metric]:
         labels = ["engine"]
-        for field, (metric, help_text) in _COUNTERS.items():
-            family = CounterMetricFamily(f"asyncgone_{metric}", help_text, labels=labels)
-            family.add_metric([self.name], getattr(snapshot, field))
+        for field, (otel_name, _, help_text) in COUNTERS.items():
+            family = CounterMetricFamily(otel_name.replace(".", "_"), help_text, labels=labels)
+            family.add_metric([self.name], getattr(counters, field))
             yield family
         replaced = CounterMetricFamily(
             "asyncgone_connections_replaced",
             "Connections replaced, by reason.",
             labels=[*labels, "reason"],
         )
-        for reason, count in sorted(snapshot.replaced.items()):
+        # Copied in one step (list(), sorted()): a scrape may run in another thread while
+        # the event loop counts.
+        for reason, count in sorted((r.value, n) for r, n in list(counters.replaced.items())):
             replaced.add_metric([self.name, reason], count)
         yield replaced
         errors = CounterMetricFamily(
@@ -111,19 +165,49 @@ class AsyncGoneCollector(Collector):
             "Disconnect errors met while in use, by MySQL code.",
             labels=[*labels, "code"],
         )
-        for code, count in sorted(snapshot.errors.items()):
+        for code, count in sorted(counters.errors.items()):
             errors.add_metric([self.name, str(code)], count)
         yield errors
+
+    def _pool(self, engine: AsyncEngine, metrics: PoolMetrics | None) -> Iterator[Metric]:
+        labels = ["engine"]
         pool = pool_status(engine)
-        for field, help_text in (
-            ("size", "Configured pool size."),
-            ("checked_out", "Connections in use."),
-            ("idle", "Connections idle in the pool."),
-            ("overflow", "Connections open beyond the pool size."),
+        limit = limits(engine)
+        pending = None if metrics is None else metrics.pending
+        for field, value, help_text in (
+            ("size", pool.size, "Configured pool size."),
+            ("checked_out", pool.checked_out, "Connections in use."),
+            ("idle", pool.idle, "Live connections idle in the pool."),
+            ("idle_dead", pool.idle_dead, "Idle slots known dead (or empty)."),
+            ("overflow", pool.overflow, "Connections open beyond the pool size."),
+            ("pending_requests", pending, "Requests waiting for a connection now."),
+            ("max", limit.max_open, "Most connections open at once (pool_size + max_overflow)."),
+            ("idle_max", limit.max_idle, "Most idle connections the pool keeps."),
+            ("idle_min", limit.min_idle, "Idle connections the keepalive keeps open (min_idle)."),
         ):
             gauge = GaugeMetricFamily(f"asyncgone_pool_{field}", help_text, labels=labels)
-            gauge.add_metric([self.name], getattr(pool, field))
+            if value is not None:  # no such limit (or figure): the family stays empty
+                gauge.add_metric([self.name], value)
             yield gauge
+
+    def _timings(self, metrics: PoolMetrics) -> Iterator[Metric]:
+        labels = ["engine"]
+        timeouts = CounterMetricFamily(
+            "asyncgone_pool_timeouts", "Requests that hit pool_timeout.", labels=labels
+        )
+        timeouts.add_metric([self.name], metrics.timeouts)
+        yield timeouts
+        for field, (metric, help_text) in _TIMINGS.items():
+            buckets, total = getattr(metrics, field).cumulative()
+            histogram = HistogramMetricFamily(
+                f"asyncgone_connection_{metric}_seconds", help_text, labels=labels
+            )
+            histogram.add_metric(
+                [self.name],
+                buckets=[(_le(bound), count) for bound, count in buckets],
+                sum_value=total,
+            )
+            yield histogram
 
 
 def register(
@@ -132,8 +216,28 @@ def register(
     name: str | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> AsyncGoneCollector:
-    """Export ``target``'s metrics through ``registry``; return the collector (unregister it
-    with ``registry.unregister(collector)``)."""
+    """Export ``target``'s metrics through ``registry``; return the collector (to stop:
+    ``registry.unregister(collector)``, then ``collector.close()``).
+
+    Args:
+        target (AsyncEngine | Database): an engine made by ``asyncgone.create_engine()``, or
+            a ``Database`` (reported while started).
+        name (str | None): the ``engine`` label; default ``host/database`` from the URL.
+        registry (CollectorRegistry): where to register; default the global ``REGISTRY``.
+
+    Returns:
+        AsyncGoneCollector: the registered collector.
+
+    Raises:
+        ConfigurationError: ``target`` is an engine not made by
+            ``asyncgone.create_engine()``.
+        ValueError: ``registry`` checks for duplicates (the global ``REGISTRY`` does) and
+            already reports these metric names, for another started engine.
+    """
     collector = AsyncGoneCollector(target, name=name)
-    registry.register(collector)
+    try:
+        registry.register(collector)
+    except BaseException:
+        collector.close()
+        raise
     return collector

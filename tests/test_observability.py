@@ -14,8 +14,9 @@ from sqlalchemy import text
 
 import asyncgone
 import asyncgone.prometheus
+from asyncgone._state import state_of
 from asyncgone.testing import FaultProxy, MariaDBServer
-from tests._support import Server, connection_id, wait_until, warm
+from tests._support import Server, connection_id, eventually, wait_until, warm
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +143,88 @@ async def test_prometheus_metrics(url: str) -> None:
     assert 'asyncgone_pool_checked_out{engine="main"} 0.0' in exposition
     assert "# TYPE asyncgone_connections_replaced_total counter" in exposition
     assert 'asyncgone_resets_skipped_total{engine="main"}' in exposition
+
+
+async def test_prometheus_timings_and_pool_figures(url: str) -> None:
+    """The timing histograms, pending requests, timeouts and pool limits are exported:
+    a request waiting behind a held connection is pending, and one that gives up after
+    pool_timeout counts as a timeout."""
+    registry = CollectorRegistry()
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    asyncgone.prometheus.register(engine, name="main", registry=registry)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"engine": "main", **labels})
+
+    try:
+        for _ in range(3):
+            await connection_id(engine)
+        held = await engine.connect()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(connection_id, engine)
+            await eventually(lambda: sample("asyncgone_pool_pending_requests") == 1)
+            await anyio.sleep(0.2)
+            await held.close()
+        async with engine.connect():
+            with pytest.raises(sa_exc.TimeoutError):
+                await connection_id(engine)
+        exposition = generate_latest(registry).decode()
+    finally:
+        await engine.dispose()
+    assert sample("asyncgone_pool_pending_requests") == 0
+    assert sample("asyncgone_pool_timeouts_total") == 1
+    assert sample("asyncgone_connection_use_seconds_count") == 6
+    # Six checkouts; the request that timed out obtained nothing and is not among them.
+    assert sample("asyncgone_connection_wait_seconds_count") == 6
+    assert sample("asyncgone_connection_wait_seconds_bucket", le="+Inf") == 6
+    assert sample("asyncgone_connection_wait_seconds_bucket", le="0.1") == 5  # one waited 0.2 s
+    assert sample("asyncgone_connection_create_seconds_count") == 1
+    assert 0 < (sample("asyncgone_connection_create_seconds_sum") or 0) < 5
+    assert (sample("asyncgone_pool_max"), sample("asyncgone_pool_idle_max")) == (1, 1)
+    assert (sample("asyncgone_pool_idle_min"), sample("asyncgone_pool_idle_dead")) == (0, 0)
+    assert sample("asyncgone_keepalive_visits_total") == 0
+    assert "# TYPE asyncgone_connection_wait_seconds histogram" in exposition
+    assert 'asyncgone_connection_use_seconds_bucket{engine="main",le="0.0001"}' in exposition
+
+
+async def test_prometheus_database_registered_before_start(url: str) -> None:
+    """A Database registered before start() exports nothing until it starts; its timings
+    start at the first scrape after that."""
+    registry = CollectorRegistry()
+    db = asyncgone.Database(url, keepalive=False)
+    asyncgone.prometheus.register(db, name="main", registry=registry)
+    assert "asyncgone_" not in generate_latest(registry).decode()
+    async with db:
+        generate_latest(registry)  # the first scrape after start() attaches the timings
+        await db.run(lambda s: s.execute(text("SELECT 1")))
+        use = registry.get_sample_value(
+            "asyncgone_connection_use_seconds_count", {"engine": "main"}
+        )
+        checkouts = registry.get_sample_value("asyncgone_checkouts_total", {"engine": "main"})
+    assert (use, checkouts) == (1, 2)  # the probe in start() came before the timings
+
+
+async def test_prometheus_close_takes_the_timing_hooks_off(url: str) -> None:
+    """close() after unregistering removes the engine's timing hooks, and so does a
+    registration the registry refused."""
+    registry = CollectorRegistry(auto_describe=True)  # checks duplicates, as REGISTRY does
+    first = asyncgone.create_engine(url)
+    second = asyncgone.create_engine(url)
+    try:
+        collector = asyncgone.prometheus.register(first, name="first", registry=registry)
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            asyncgone.prometheus.register(second, name="second", registry=registry)
+        assert state_of(second).metrics is None  # type: ignore[union-attr]
+        await connection_id(first)
+        assert state_of(first).metrics is not None  # type: ignore[union-attr]
+        registry.unregister(collector)
+        collector.close()
+        collector.close()  # a second call does nothing
+        assert state_of(first).metrics is None  # type: ignore[union-attr]
+        assert "connect" not in vars(first.sync_engine.pool)
+        names = {family.name for family in collector.collect()}
+        assert "asyncgone_checkouts" in names
+        assert "asyncgone_connection_wait_seconds" not in names
+    finally:
+        await first.dispose()
+        await second.dispose()
