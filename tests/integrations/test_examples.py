@@ -216,13 +216,21 @@ def waiting_updates(server: Server) -> int:
 
 
 ROOT = Path(__file__).resolve().parents[2]
+FRAMEWORKS_PAGE = ROOT / "docs" / "frameworks.md"
+# The extra that installs each example's framework.
+EXTRAS = {"starlette_app": "starlette", "fastapi_app": "fastapi", "quart_app": "quart"}
 
 
-def documented_commands() -> list[str]:
+def documented_commands(page: Path = FRAMEWORKS_PAGE) -> list[str]:
     """The ``DATABASE_URL=... uvicorn|hypercorn examples.X:app`` lines of the frameworks page."""
-    page = (ROOT / "docs" / "frameworks.md").read_text()
     serve = r"^\$ (DATABASE_URL=\S+ (?:uvicorn|hypercorn) examples\.\w+:app)$"
-    return re.findall(serve, page, re.MULTILINE)
+    return re.findall(serve, page.read_text(), re.MULTILINE)
+
+
+def documented_install(page: Path = FRAMEWORKS_PAGE) -> str:
+    """The page's ``pip install`` line for running the examples."""
+    [line] = re.findall(r"^\$ (pip install .*)$", page.read_text(), re.MULTILINE)
+    return str(line)
 
 
 def test_the_frameworks_page_documents_one_command_per_example() -> None:
@@ -231,22 +239,38 @@ def test_the_frameworks_page_documents_one_command_per_example() -> None:
     assert [c.split()[-1] for c in commands] == [f"examples.{name}:app" for name in APPS]
 
 
-@pytest.mark.parametrize("command", documented_commands(), ids=APPS)
-async def test_documented_command_serves_the_example(
-    command: str, disposable: Server, tmp_path: Path
+def test_the_documented_install_provides_what_the_commands_run() -> None:
+    """The page's install line installs this clone with the driver of the documented URLs and
+    each example's framework, and every server program the documented commands run (no
+    extra installs one)."""
+    project, *others = shlex.split(documented_install())[2:]
+    path, _, extras = project.partition("[")
+    assert path == "."
+    installed = set(extras.rstrip("]").split(","))
+    for command in documented_commands():
+        assignment, program, target = shlex.split(command)
+        driver = re.fullmatch(r"DATABASE_URL=mysql\+(\w+)://\S+", assignment)
+        assert driver is not None, command
+        assert driver[1] in installed, command
+        assert EXTRAS[target.removeprefix("examples.").removesuffix(":app")] in installed, command
+        assert program in others, command
+
+
+async def serve_as_documented(
+    command: str, url: str, log: Path, *, bin_dir: Path | None = None, cwd: Path = ROOT
 ) -> None:
-    """Each documented command, run as written (only the URL points at the test server and a
-    free port is added), serves its example: a note written, then read back."""
-    disposable.query("DROP TABLE IF EXISTS notes")
+    """Run a documented ``DATABASE_URL=... server examples.X:app`` command from ``cwd`` with
+    the server from ``bin_dir`` (this environment's by default), its URL swapped for ``url``
+    and a free port added; write a note through it and read it back; stop it with Ctrl-C
+    and check that it exits cleanly."""
     assignment, *argv = shlex.split(command)
     assert assignment.startswith("DATABASE_URL=")
     port = free_port()
     argv += ["--port", str(port)] if argv[0] == "uvicorn" else ["--bind", f"127.0.0.1:{port}"]
-    argv[0] = str(Path(sys.executable).with_name(argv[0]))  # this environment's server
-    env = {**os.environ, "DATABASE_URL": disposable.url("asyncmy")}
-    log = tmp_path / "server.log"
+    argv[0] = str((bin_dir or Path(sys.executable).parent) / argv[0])
+    env = {**os.environ, "DATABASE_URL": url}
     with log.open("w") as out:
-        process = await anyio.open_process(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+        process = await anyio.open_process(argv, cwd=cwd, env=env, stdout=out, stderr=out)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             response = None
@@ -256,7 +280,7 @@ async def test_documented_command_serves_the_example(
                         response = await client.post("/notes", json={"text": "as documented"})
                     except httpx.TransportError:
                         await anyio.sleep(0.1)
-            assert response is not None, log.read_text()
+            assert response is not None, await anyio.Path(log).read_text()
             assert response.status_code == 201
             note = response.json()["id"]
             assert (await client.get(f"/notes/{note}")).json() == {
@@ -271,6 +295,16 @@ async def test_documented_command_serves_the_example(
             process.kill()
             await process.wait()
         await process.aclose()
-    output = log.read_text()
+    output = await anyio.Path(log).read_text()
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("command", documented_commands(), ids=APPS)
+async def test_documented_command_serves_the_example(
+    command: str, disposable: Server, tmp_path: Path
+) -> None:
+    """Each documented command, run as written (only the URL points at the test server and a
+    free port is added), serves its example: a note written, then read back."""
+    disposable.query("DROP TABLE IF EXISTS notes")
+    await serve_as_documented(command, disposable.url("asyncmy"), tmp_path / "server.log")
