@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ._waits import finish
 
@@ -67,19 +67,22 @@ class ScopeGroup:
         """The group's scopes that have not ended yet."""
         return [scope for scope, _ in self._members if not scope.finished]
 
-    async def abandon(self, timeout: float) -> int:
+    async def abandon(self, timeout: float, *, spare: Collection[asyncio.Task[Any]] = ()) -> int:
         """End every scope of the group still open, for a client that hung up.
 
         Scopes used by a running task (not the current one) get their statements stopped
         (``KILL QUERY``) and their task cancelled, and are waited for, at most ``timeout``
         seconds. Scopes nobody drives any more, such as one opened in a streaming body
         iterator that the framework left unfinished (until the garbage collector closes
-        it), are rolled back and closed here. Returns how many scopes were open.
+        it), are rolled back and closed here. Scopes opened by a task in ``spare`` are left
+        alone: a framework's own tasks meant to outlive the request (Quart's
+        ``add_background_task``). Returns how many scopes were ended.
         """
         current = asyncio.current_task()
+        members = [(scope, task) for scope, task in self._members if task not in spare]
         tasks: set[asyncio.Task[object]] = set()
         count = 0
-        for scope, task in self._members:
+        for scope, task in members:
             if scope.finished:
                 continue
             count += 1
@@ -90,7 +93,7 @@ class ScopeGroup:
         if tasks:
             with contextlib.suppress(TimeoutError):
                 await finish(asyncio.wait(tasks), timeout, "abandoning a request's sessions")
-        for scope, _ in self._members:
+        for scope, _ in members:
             if not scope.finished:  # its task is done, or was this one: nothing drives it
                 await scope.rollback(ClientGone("the client hung up"))
         if count:

@@ -4,8 +4,9 @@ clean clone.
 
 The quick checks run everywhere. The slow ones build, create venvs and install from PyPI, so
 they carry the ``packaging`` marker and run in tox's ``packaging`` env only
-(``scripts/test -e packaging``, which installs ``build``); the everyday envs deselect them. A clean clone holds the repository's
-last commit, not the working tree: commit first what they should see.
+(``scripts/test -e packaging``, which installs ``build``); the everyday envs deselect them. A
+clean clone holds the repository's last commit, not the working tree: commit first what they
+should see.
 """
 
 from __future__ import annotations

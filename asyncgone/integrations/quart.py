@@ -23,13 +23,21 @@
 - an unavailable database (``asyncgone.is_unavailable``) becomes a 503 with ``Retry-After``
   (``on_unavailable=`` changes the response);
 - ``ext.readiness`` is a view for a readiness route (``app.add_url_rule("/ready",
-  view_func=ext.readiness)``).
+  view_func=ext.readiness)``);
+- when the client hangs up before the response is complete, Quart cancels the request's
+  task; the extension then ends every session the request opened that is still open, in
+  any task the request started too (their statements stopped with ``KILL QUERY``, their
+  tasks cancelled, their connections returned or discarded). It wraps ``app.asgi_app`` for
+  that: Quart runs ``after_request`` and ``teardown_request`` before it sends the body, so
+  no hook of its own runs after a hang-up during a streaming response.
+  Quart's own background tasks (``app.add_background_task``) are left running, and
+  ``cancel_on_disconnect=False`` leaves every task the request started running.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quart import Quart, current_app, g, jsonify
 from quart.typing import ResponseReturnValue
@@ -40,9 +48,21 @@ from asyncgone import (
     DEFAULT_HEALTH_TIMEOUT,
     Database,
     DatabaseUnavailable,
+    ScopeGroup,
     SessionScope,
     is_unavailable,
 )
+
+if TYPE_CHECKING:  # Quart's own ASGI types, from the server it is built on
+    from hypercorn.typing import (
+        ASGIReceiveCallable,
+        ASGIReceiveEvent,
+        ASGISendCallable,
+        ASGISendEvent,
+        Scope,
+    )
+
+    _ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 __all__ = ["AsyncGone", "session", "unavailable_response"]
 
@@ -58,7 +78,18 @@ async def unavailable_response(exc: BaseException) -> ResponseReturnValue:
 
 
 class AsyncGone:
-    """The Quart extension; see the module docstring."""
+    """The Quart extension; see the module docstring.
+
+    Parameters:
+        app: the application, or None to attach later with ``init_app()``.
+        db: the ``Database`` (started and closed with the app).
+        on_unavailable: builds the response for an unavailable database (default
+            ``unavailable_response``: 503 with ``Retry-After``).
+        health_timeout: bound in seconds on the readiness check.
+        cancel_on_disconnect: when the client hangs up before the response is complete,
+            end the sessions still open in the tasks the request started (Quart itself
+            cancels the request's own task either way).
+    """
 
     def __init__(
         self,
@@ -69,10 +100,12 @@ class AsyncGone:
             unavailable_response
         ),
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        cancel_on_disconnect: bool = True,
     ) -> None:
         self.db = db
         self.on_unavailable = on_unavailable
         self.health_timeout = health_timeout
+        self.cancel_on_disconnect = cancel_on_disconnect
         if app is not None:
             self.init_app(app)
 
@@ -91,6 +124,9 @@ class AsyncGone:
         app.teardown_request(self._teardown)
         app.register_error_handler(DatabaseUnavailable, self._unavailable)
         app.register_error_handler(DBAPIError, self._database_error)
+        if self.cancel_on_disconnect and not isinstance(app.asgi_app, _EndOnHangUp):
+            # Quart's documented way to add ASGI middleware (the app stays a Quart app).
+            app.asgi_app = _EndOnHangUp(app, self)  # type: ignore[method-assign]
 
     @property
     def database(self) -> Database:
@@ -154,6 +190,54 @@ class AsyncGone:
         """A view answering 200 when the database serves a query in time, else 503."""
         report = await self.database.health(timeout=self.health_timeout)
         return jsonify(report.as_dict()), 200 if report.ok else 503
+
+
+class _EndOnHangUp:
+    """Wraps ``app.asgi_app``: the session scopes each HTTP request opens (in its own task,
+    in a streaming body, in tasks it starts) form a ``ScopeGroup``, ended once the request
+    is over if its client hung up before the response was complete.
+
+    Quart cancels the request's task when the client disconnects, and closes a streaming
+    body it leaves unfinished; tasks the request started run on until ended here, except
+    Quart's own background tasks (``app.add_background_task``), made to outlive requests.
+    """
+
+    def __init__(self, quart: Quart, extension: AsyncGone) -> None:
+        self.app: _ASGIApp = quart.asgi_app
+        self.quart = quart
+        self.extension = extension
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        done = hung_up = False
+
+        async def watch_receive() -> ASGIReceiveEvent:
+            nonlocal hung_up
+            message = await receive()
+            if message["type"] == "http.disconnect" and not done:
+                hung_up = True
+            return message
+
+        async def watch_send(message: ASGISendEvent) -> None:
+            nonlocal done
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done = True
+            await send(message)
+
+        group = ScopeGroup()
+        try:
+            with group.collecting():  # Quart's tasks for the request copy this context
+                await self.app(scope, watch_receive, watch_send)
+        finally:
+            if hung_up:
+                await group.abandon(
+                    self.extension.database.cleanup_timeout,
+                    spare=set(getattr(self.quart, "background_tasks", ())),
+                )
 
 
 def session() -> AsyncSession:

@@ -4,6 +4,7 @@ explained."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -285,38 +286,102 @@ async def test_starlette_client_leaving_before_the_response(
         return JSONResponse({"ok": True})
 
     app = starlette_app(db, slow_write, cancel_on_disconnect=cancel_on_disconnect)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 1),
-        "server": ("app", 80),
-    }
+    async with lifespan_of(app):
+        with anyio.fail_after(10):
+            await app(HTTP_GET, *client_leaving_after(0.1))
+    assert finished.is_set() is not cancel_on_disconnect
+    assert marks(disposable) == ([] if cancel_on_disconnect else [7])
+
+
+#: The ASGI scope of ``GET /`` over HTTP/1.1.
+HTTP_GET: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [],
+    "client": ("127.0.0.1", 1),
+    "server": ("app", 80),
+}
+
+
+def client_leaving_after(seconds: float) -> tuple[Any, Any]:
+    """ASGI ``receive`` and ``send`` of a client that sends its request, then hangs up
+    after ``seconds``."""
     messages = [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop()
-        await anyio.sleep(0.1)
+        await anyio.sleep(seconds)
         return {"type": "http.disconnect"}
 
-    sent: list[dict[str, Any]] = []
-
     async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+        pass
+
+    return receive, send
+
+
+@pytest.mark.parametrize("cancel_on_disconnect", [True, False])
+async def test_quart_client_leaving_ends_the_tasks_the_request_started(
+    db: asyncgone.Database, cancel_on_disconnect: bool
+) -> None:
+    """A client that hangs up while the view waits for a task it started, whose session
+    runs a statement: by default that task is cancelled once Quart has cancelled the view;
+    with cancel_on_disconnect=False it runs to the end."""
+    app = Quart(__name__)
+    ag_quart.AsyncGone(app, db, cancel_on_disconnect=cancel_on_disconnect)
+    started: list[asyncio.Task[None]] = []
+
+    async def sleep_in_a_session() -> None:
+        async with db.session() as session:
+            await session.execute(text("SELECT SLEEP(1)"))
+
+    @app.get("/")
+    async def endpoint() -> dict[str, bool]:
+        started.append(asyncio.get_running_loop().create_task(sleep_in_a_session()))
+        await asyncio.wait(started)  # the view's cancellation does not reach the task
+        return {"ok": True}
 
     async with lifespan_of(app):
         with anyio.fail_after(10):
-            await app(scope, receive, send)
-    assert finished.is_set() is not cancel_on_disconnect
-    assert marks(disposable) == ([] if cancel_on_disconnect else [7])
+            await app(HTTP_GET, *client_leaving_after(0.2))
+            [task] = started
+            assert task.done() is cancel_on_disconnect
+            await asyncio.wait(started)
+        assert task.cancelled() is cancel_on_disconnect
+        assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_quart_background_task_outlives_a_hang_up(db: asyncgone.Database) -> None:
+    """A Quart background task (app.add_background_task) whose session runs a statement
+    when the client hangs up is left to finish: Quart made it to outlive the request."""
+    app = Quart(__name__)
+    ag_quart.AsyncGone(app, db)
+    outcome: list[int] = []
+
+    async def sleep_in_a_session() -> None:
+        async with db.session() as session:
+            outcome.append((await session.execute(text("SELECT SLEEP(1)"))).scalar_one())
+
+    @app.get("/")
+    async def endpoint() -> dict[str, bool]:
+        app.add_background_task(sleep_in_a_session)
+        await asyncio.sleep(10)  # the client leaves meanwhile
+        return {"ok": True}
+
+    async with lifespan_of(app):
+        with anyio.fail_after(10):
+            await app(HTTP_GET, *client_leaving_after(0.2))
+            [task] = app.background_tasks
+            await asyncio.wait({task})
+        assert outcome == [0]  # SLEEP() returns 1 when a KILL QUERY interrupts it
+        assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_starlette_lifespan_state_and_readiness_from_the_app(
