@@ -27,7 +27,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ._drivers import thread_id
 from ._errors import describe
-from ._state import ConnectionHolder, EngineState, holder_of
+from ._state import HOLDER_KEY, ConnectionHolder, EngineState, note_checkout
 from ._statements import ping
 from ._stats import Reason
 from ._waits import bounded
@@ -67,15 +67,14 @@ def verdict(
         return Reason.FOREIGN_LOOP
     if holder.created < state.invalid_before:
         return Reason.POOL_INVALIDATED
-    driver = state.driver
-    if driver.is_closed(conn):
+    if holder.closed(conn):
         return Reason.CLOSED_BY_SERVER
     if now + horizon >= holder.expires:
         return Reason.MAX_LIFETIME
     idle = now - holder.last_activity
     if idle > holder.idle_limit:
         return Reason.IDLE_LIMIT
-    if not driver.passive_check or (ping_after is not None and idle >= ping_after):
+    if not state.driver.passive_check or (ping_after is not None and idle >= ping_after):
         return PING_DUE
     return None
 
@@ -93,7 +92,7 @@ async def bounded_ping(state: EngineState, holder: ConnectionHolder, conn: Any) 
         state.counters.ping_failures += 1
         log.debug("ping failed: %s", describe(exc))
         return Reason.PING_FAILED
-    holder.last_activity = time.monotonic()
+    holder.active(time.monotonic())
     return None
 
 
@@ -126,15 +125,26 @@ class CheckoutCheck:
         state = self._state
         counters = state.counters
         counters.checkouts += 1
-        holder = holder_of(record)
+        holder: ConnectionHolder | None = record.info.get(HOLDER_KEY)
         if holder is None:
             return  # not set up by asyncgone (its connect failed half-way): nothing known
+        note_checkout(proxy, holder)  # for the rollback and commit of this checkout
         if holder.fresh:
             holder.fresh = False  # opened for this very checkout
             return
         counters.checks += 1
+        # The pool holds the driver's connection while it is checked out: alive.
+        conn = holder.conn() or dbapi_connection.driver_connection
         now = time.monotonic()
-        conn = dbapi_connection.driver_connection
+        # The common case in one test: recently active, lifetime not over, the pool not
+        # invalidated since it opened, on this loop, and the socket shows nothing.
+        if (
+            now < holder.trusted_until
+            and holder.created >= state.invalid_before
+            and holder.loop() is asyncio.get_running_loop()
+            and not holder.closed(conn)
+        ):
+            return
         reason = verdict(state, holder, conn, now, ping_after=state.options.ping_after)
         if reason is PING_DUE:
             reason = dbapi_connection.run_async(lambda c: bounded_ping(state, holder, c))

@@ -28,11 +28,13 @@ from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 __all__ = [
     "can_keep",
+    "drop_closed_loop_socket",
     "give_back",
     "idle_records",
     "max_overflow",
     "open_idle",
     "reconnect",
+    "returning_to_pool",
     "scope_will_redeliver",
     "statement_done",
     "statement_running",
@@ -126,6 +128,17 @@ def reconnect(record: ConnectionPoolEntry) -> None:
     record.get_connection()  # type: ignore[attr-defined]
 
 
+# -- SQLAlchemy: a pooled connection on its way back ----------------------------------------
+
+
+def returning_to_pool(pooled: Any) -> bool:
+    """Whether a pooled connection (SQLAlchemy's ``_ConnectionFairy``) is being returned:
+    its checkout count, ``_counter``, is 0 while the pool resets it, and at least 1 while a
+    ``Connection`` uses it (SQLAlchemy 2.0 and 2.1). Unknown: False, so a rollback counts
+    as the application's own."""
+    return getattr(pooled, "_counter", 1) == 0
+
+
 # -- SQLAlchemy: the async adapters' statement lock --------------------------------------------
 
 
@@ -217,6 +230,22 @@ def test_loop_runner(request: Any, stack: contextlib.ExitStack) -> Callable[[Awa
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def drop_closed_loop_socket(transport: Any) -> None:
+    """Close the socket of an asyncio selector transport whose loop is closed.
+
+    Every transport method would call into the closed loop and fail; the transport keeps its
+    socket in ``_sock`` and warns about it when collected unless that is None, and a
+    ``StreamWriter`` over it warns unless ``is_closing()`` (``_closing``) says so. uvloop's
+    transports have no ``_sock``: uvloop closes them itself when its loop closes.
+    """
+    sock = getattr(transport, "_sock", None)
+    if sock is None:
+        return
+    transport._closing = True
+    transport._sock = None
+    sock.close()
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

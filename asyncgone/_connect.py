@@ -19,6 +19,7 @@ import asyncio
 import math
 import time
 import warnings
+import weakref
 from typing import Any
 
 from sqlalchemy import event
@@ -72,7 +73,6 @@ class ConnectSetup:
         conn = dbapi_connection.driver_connection
         driver = state.driver
         driver.learn(conn)
-        driver.count_cursors(conn)
         options = state.options
         if options.tcp_keepalive is not None:
             apply_tcp_keepalive(driver.transport_socket(conn), options.tcp_keepalive)
@@ -94,8 +94,16 @@ class ConnectSetup:
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         holder = ConnectionHolder(
-            now, lifetime_deadline(now, options.max_lifetime), idle_limit, loop
+            now,
+            lifetime_deadline(now, options.max_lifetime),
+            idle_limit,
+            loop,
+            # A driver asyncgone cannot inspect is pinged at every checkout.
+            options.ping_after if driver.passive_check else 0.0,
         )
+        holder.cursors = driver.count_cursors(conn)
+        holder.closed = driver.watch(conn)
+        holder.conn = weakref.ref(conn)
         holder.remember(record)
         if self._loops is not None:
             self._loops.adopt(loop, dbapi_connection)

@@ -26,7 +26,6 @@ import contextlib
 import enum
 import inspect
 import logging
-import select
 import socket
 import time
 import weakref
@@ -37,10 +36,12 @@ from typing import Any
 from sqlalchemy.engine import Dialect
 from sqlalchemy.util import greenlet_spawn
 
-from ._compat import running_loop
+from ._compat import drop_closed_loop_socket, running_loop
 from ._waits import bounded
+from ._watch import WATCHES, Poll, poll_once, watch_unknown
 
 __all__ = [
+    "CursorCount",
     "DriverSupport",
     "abort_connection",
     "connect_error",
@@ -56,11 +57,6 @@ log = logging.getLogger("asyncgone")
 
 _SERVER_STATUS_IN_TRANS = 1
 _KNOWN = ("aiomysql", "asyncmy")
-
-# poll(2) rather than select(2), which fails on descriptors above 1023. Readable, hung up or
-# in error all mean the same for an idle connection: it cannot be handed out.
-_poll = getattr(select, "poll", None)
-_POLL_EVENTS = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
 
 
 class Shape(enum.Enum):
@@ -97,60 +93,6 @@ def _transport(conn: Any) -> Any:
     return getattr(getattr(conn, "_writer", None), "transport", None)
 
 
-def _readable(transport: Any) -> bool:
-    """Whether the kernel holds bytes or EOF for an idle connection's socket (one poll(2))."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or _poll is None:
-        return False
-    try:
-        poller = _poll()
-        poller.register(sock.fileno(), _POLL_EVENTS)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):  # the socket is being torn down
-        return True
-
-
-def _closed_buffered(conn: Any) -> bool:
-    proto = conn._proto
-    if proto is None:
-        return True  # closed by the driver
-    transport = conn._transport
-    return bool(
-        transport is None
-        or transport.is_closing()
-        or proto.eof
-        or proto.exc is not None
-        or proto.length > proto.pos  # unsolicited bytes, e.g. MySQL's 4031 error packet
-        or _readable(transport)
-    )
-
-
-def _closed_streams(conn: Any) -> bool:
-    reader, writer = conn._reader, conn._writer
-    if reader is None or writer is None:
-        return True  # closed by the driver
-    return bool(
-        reader.at_eof()
-        or reader.exception() is not None
-        # aiomysql's reader records EOF even while unread data (an error packet) remains.
-        or getattr(reader, "eof_received", False)
-        or getattr(reader, "_buffer", None)
-        or writer.transport.is_closing()
-        or _readable(writer.transport)
-    )
-
-
-def _closed_unknown(conn: Any) -> bool:
-    return False  # nothing can be told without a round trip: the checkout pings instead
-
-
-_CLOSED = {
-    Shape.BUFFERED: _closed_buffered,
-    Shape.STREAMS: _closed_streams,
-    Shape.UNKNOWN: _closed_unknown,
-}
-
-
 def _driver_version(name: str) -> str:
     try:
         return version(name)
@@ -167,7 +109,7 @@ class DriverSupport:
         self._shape: Shape | None = None
         # Until a connection shows otherwise, assume the socket can be checked for free.
         self.passive_check = True
-        self.is_closed: Callable[[Any], bool] = _closed_unknown
+        self._watch: Callable[[Poll | None, Any], Callable[[Any], bool]] = watch_unknown
 
     # -- shape -------------------------------------------------------------------------------
 
@@ -177,7 +119,7 @@ class DriverSupport:
             return
         shape = shape_of(conn)
         self._shape = shape
-        self.is_closed = _CLOSED[shape]
+        self._watch = WATCHES[shape.value]
         if shape is Shape.UNKNOWN:
             self.passive_check = False
             module = type(conn).__module__.split(".")[0]
@@ -191,6 +133,17 @@ class DriverSupport:
                 _driver_version(module),
             )
 
+    def is_closed(self, conn: Any) -> bool:
+        """Tell, without a round trip, whether an idle connection can no longer be used."""
+        transport = _transport(conn)
+        return self._watch(poll_once(transport), transport)(conn)
+
+    def watch(self, conn: Any) -> Callable[[Any], bool]:
+        """``is_closed`` for one connection, its poll object made once: for the checkout,
+        which asks it at every reuse."""
+        transport = _transport(conn)
+        return self._watch(poll_once(transport), transport)
+
     @property
     def shape(self) -> Shape | None:
         """The shape learnt from the first connection (None before it)."""
@@ -198,8 +151,9 @@ class DriverSupport:
 
     # -- status flags ------------------------------------------------------------------------
 
-    def count_cursors(self, conn: Any) -> None:
-        """Make ``conn`` count the cursors it creates (see ``cursors_created``).
+    def count_cursors(self, conn: Any) -> CursorCount | None:
+        """Make ``conn`` count the cursors it creates; return the count (None when the
+        connection's shape is unknown).
 
         Every statement needs a cursor, whether SQLAlchemy, the application or asyncmy's
         prepared-statement path sends it; COMMIT, ROLLBACK and ping need none. The count is
@@ -207,13 +161,12 @@ class DriverSupport:
         command methods are untouched, which asyncmy 0.2.18 requires of a connection before
         it takes its prepared statements' fast path.
         """
-        if self._shape is not Shape.UNKNOWN and not isinstance(conn.cursor, _CountingCursor):
-            conn.cursor = _CountingCursor(conn)
-
-    def cursors_created(self, conn: Any) -> int | None:
-        """How many cursors ``conn`` created so far (None if it is not counting)."""
-        counter = conn.__dict__.get("cursor") if hasattr(conn, "__dict__") else None
-        return counter.count if isinstance(counter, _CountingCursor) else None
+        if self._shape is Shape.UNKNOWN:
+            return None
+        counter = getattr(conn, "cursor", None)
+        if not isinstance(counter, CursorCount):
+            counter = conn.cursor = CursorCount(conn)
+        return counter
 
     def streaming(self, conn: Any) -> bool:
         """Whether an unbuffered result (a server-side cursor, ``session.stream()``) is
@@ -221,12 +174,13 @@ class DriverSupport:
         # aiomysql keeps a bool, asyncmy (a Cython class) an int.
         return bool(getattr(getattr(conn, "_result", None), "unbuffered_active", False))
 
-    def transaction_ended(self, conn: Any, ended_at: int | None) -> bool:
+    @staticmethod
+    def transaction_ended(conn: Any, cursors: CursorCount | None, ended_at: int | None) -> bool:
         """Tell whether no transaction can be open: SQLAlchemy ended one when ``conn`` had
         created ``ended_at`` cursors, it created none since, and the driver's last reply
         agrees (no pending result, no "in transaction" status flag; both drivers clear the
         result when they send a command). False whenever unsure."""
-        if ended_at is None or self.cursors_created(conn) != ended_at:
+        if cursors is None or cursors.count != ended_at:
             return False
         status = getattr(conn, "server_status", None)
         if getattr(conn, "_result", True) is not None or not isinstance(status, int):
@@ -289,9 +243,9 @@ class DriverSupport:
             try:
                 loop.call_soon_threadsafe(transport.abort)
             except RuntimeError:  # it closed meanwhile
-                _drop_socket(transport)
+                drop_closed_loop_socket(transport)
         elif transport is not None:
-            _drop_socket(transport)
+            drop_closed_loop_socket(transport)
         # The driver's own finalizer would try to close it again, on the closed loop.
         for name in ("_writer", "_reader", "_transport"):
             if getattr(conn, name, None) is not None:
@@ -322,7 +276,7 @@ class DriverSupport:
         return adapted.driver_connection
 
 
-class _CountingCursor:
+class CursorCount:
     """A driver connection's ``cursor`` method that counts its calls.
 
     It holds the connection weakly: a bound method kept on the instance would make every
@@ -339,16 +293,6 @@ class _CountingCursor:
         self.count += 1
         conn: Any = self._conn()
         return type(conn).cursor(conn, *args, **kwargs)
-
-
-def _drop_socket(transport: Any) -> None:
-    """Close the socket of an asyncio selector transport whose loop is closed."""
-    sock = getattr(transport, "_sock", None)
-    if sock is None:
-        return
-    transport._closing = True  # is_closing(): StreamWriter's finalizer then stays quiet
-    transport._sock = None  # nor does the transport's own finalizer warn
-    sock.close()
 
 
 async def _maybe_await(result: Any) -> Any:

@@ -22,7 +22,7 @@ from ._connect import ConnectSetup
 from ._drivers import support_for
 from ._invalidation import ErrorHandling
 from ._leaks import LeakDetection
-from ._reset import ResetOnReturn, reset_mode
+from ._reset import install_reset, pool_reset, reset_mode
 from ._state import EngineState, attach
 from ._url import resolve_url
 
@@ -74,8 +74,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     engine = create_async_engine(
         resolved,
         connect_args=connect_args,
-        # asyncgone's reset listener does what returning a connection needs (see _reset).
-        pool_reset_on_return=None,
+        # asyncgone's do_rollback decides whether the pool's ROLLBACK is needed (_reset).
+        pool_reset_on_return=pool_reset(mode),
         **sa_kwargs,
     )
     sync = engine.sync_engine
@@ -91,7 +91,7 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)
     CheckoutCheck(state).install(sync)
-    ResetOnReturn(state, mode).install(sync)
+    install_reset(dialect, state, mode)
     ErrorHandling(state, dbapi).install(sync)
     guard_closing(dialect, driver)
     if options.kill_on_cancel:

@@ -1,13 +1,11 @@
 """The reset decision: what returning a connection to the pool sends to the server.
 
 SQLAlchemy's pool sends ``ROLLBACK`` on every return, also right after a ``COMMIT`` with
-nothing executed since: a round trip per unit of work. asyncgone owns the reset instead
-(the pool is created with ``pool_reset_on_return=None`` and this ``reset`` listener does the
-work) and skips the ``ROLLBACK`` only when nothing can be open:
+nothing executed since: a round trip per unit of work. asyncgone skips it when nothing can
+be open:
 
 - SQLAlchemy itself ended the transaction (a ``Connection``'s or ``Session``'s commit or
-  rollback, through the dialect's ``do_commit``/``do_rollback``, which asyncgone wraps to
-  note the moment), and it succeeded;
+  rollback, through the dialect's ``do_commit``/``do_rollback``), and it succeeded;
 - no statement ran since: every statement, through SQLAlchemy or straight through the
   driver, needs a cursor, and asyncgone's connections count the cursors they create
   (``DriverSupport.count_cursors``), so an unchanged count means nothing was sent after
@@ -15,12 +13,19 @@ work) and skips the ``ROLLBACK`` only when nothing can be open:
 - the driver's last reply agrees: no pending result, no "in transaction" status flag.
 
 Anything else (a failed statement, raw driver use, a COMMIT sent by hand on the DBAPI
-connection, a driver asyncgone does not recognise) gets the ROLLBACK. A statement that fails
-needs no special case: it created a cursor too.
+connection, a driver asyncgone does not recognise) gets the ROLLBACK. A statement that
+fails needs no special case: it created a cursor too.
+
+It all happens in the dialect's ``do_rollback`` and ``do_commit``, which asyncgone wraps on
+the engine's own dialect instance: the pool's reset calls ``do_rollback`` (the engine keeps
+SQLAlchemy's ``pool_reset_on_return="rollback"``), and so does a ``Connection``'s rollback,
+which the same rule makes free when nothing is open. No pool event is involved, which keeps
+the per-checkout cost down (SQLAlchemy builds a ``PoolResetState`` for every return once a
+``reset`` listener exists). The ROLLBACK of a return is bounded (``RESET_TIMEOUT``); a
+connection that cannot take it is closed quietly and replaced at its next checkout.
 
 ``pool_reset_on_return`` keeps its meaning when given: ``"rollback"`` rolls back at every
 return (no skipping: the caller asked for it), ``"commit"`` commits, ``None`` sends nothing.
-asyncgone sends them itself, bounded, and discards a connection whose reset fails.
 """
 
 from __future__ import annotations
@@ -32,22 +37,19 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from sqlalchemy import event
-from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.engine import Dialect
 
-from ._drivers import DriverSupport
-from ._errors import ConfigurationError, describe, is_disconnect
-from ._state import EngineState, holder_of
+from ._compat import returning_to_pool
+from ._errors import ConfigurationError, describe
+from ._state import CHECKOUT_KEY, ConnectionHolder, EngineState, holder_of_checkout
 from ._waits import absorb_cancellation, finish
 
-__all__ = ["ResetOnReturn", "reset_mode", "track_transaction_ends"]
+__all__ = ["Mode", "install_reset", "reset_mode"]
 
 log = logging.getLogger("asyncgone")
 
-# Bound on the ROLLBACK (or COMMIT) that returning a connection may need: generous, as
-# undoing a large transaction takes time; past it the connection is discarded (the server
-# finishes alone).
+# Bound on the ROLLBACK that returning a connection may need: generous, as undoing a large
+# transaction takes time; past it the connection is closed (the server finishes alone).
 RESET_TIMEOUT = 10.0
 
 #: "rollback when needed" (asyncgone's default), "rollback" (always), "commit", or None.
@@ -78,84 +80,94 @@ def reset_mode(value: object = _NOT_GIVEN) -> Mode:
         ) from None
 
 
-def _noting_the_end(end: Callable[[Any], None], driver: DriverSupport) -> Callable[[Any], None]:
-    def ended(dbapi_connection: Any) -> None:
-        end(dbapi_connection)  # a failure leaves the previous note, older than any cursor
-        # SQLAlchemy passes the pooled connection, whose info holds the holder (except while
-        # it initialises the dialect on a first connection, with a stand-in without info).
-        try:
-            holder = holder_of(dbapi_connection)
-        except (AttributeError, NotImplementedError):
-            return
+def pool_reset(mode: Mode) -> str | None:
+    """The ``pool_reset_on_return`` SQLAlchemy's pool gets for asyncgone's ``mode``."""
+    return "rollback" if mode == "auto" else mode
+
+
+def _ended(holder: ConnectionHolder) -> None:
+    """Note that SQLAlchemy just ended the connection's transaction."""
+    cursors = holder.cursors
+    holder.ended_at = None if cursors is None else cursors.count
+    holder.active(time.monotonic())
+
+
+def _noting_commit(commit: Callable[[Any], None], state: EngineState) -> Callable[[Any], None]:
+    def do_commit(dbapi_connection: Any) -> None:
+        holder = holder_of_checkout(dbapi_connection)
+        if holder is not None and returning_to_pool(dbapi_connection):
+            state.counters.resets += 1  # pool_reset_on_return="commit"
+        commit(dbapi_connection)  # a failure leaves the previous note, older than any cursor
         if holder is not None:
-            holder.ended_at = driver.cursors_created(dbapi_connection.driver_connection)
+            _ended(holder)
 
-    return ended
-
-
-def track_transaction_ends(dialect: Dialect, driver: DriverSupport) -> None:
-    """Wrap the dialect's ``do_commit``/``do_rollback`` to note when SQLAlchemy ended a
-    connection's transaction (the dialect instance belongs to this engine alone)."""
-    dialect.do_commit = _noting_the_end(dialect.do_commit, driver)  # type: ignore[method-assign,assignment]
-    dialect.do_rollback = _noting_the_end(dialect.do_rollback, driver)  # type: ignore[method-assign,assignment]
+    return do_commit
 
 
-class ResetOnReturn:
-    """The pool ``reset`` listener of one engine."""
+def _deciding_rollback(
+    rollback: Callable[[Any], None], state: EngineState, skip: bool
+) -> Callable[[Any], None]:
+    driver = state.driver
+    counters = state.counters
 
-    def __init__(self, state: EngineState, mode: Mode) -> None:
-        self._state = state
-        self._mode = mode
-
-    def install(self, engine: Engine) -> None:
-        event.listen(engine, "reset", self.on_reset)
-        if self._mode == "auto":
-            track_transaction_ends(engine.dialect, self._state.driver)
-
-    def on_reset(self, dbapi_connection: Any, record: ConnectionPoolEntry, reset: Any) -> None:
-        """Return a connection to the pool; ``reset`` is SQLAlchemy's ``PoolResetState``."""
-        holder = holder_of(record)
-        if holder is None or reset.terminate_only or not reset.asyncio_safe:
+    def do_rollback(dbapi_connection: Any) -> None:
+        # Inlined holder_of_checkout(): this runs at the end of every unit of work.
+        holder: ConnectionHolder | None = getattr(dbapi_connection, CHECKOUT_KEY, None)
+        conn = None if holder is None else holder.conn()
+        if holder is None or conn is None:
+            rollback(dbapi_connection)
             return
-        if reset.transaction_was_reset:
-            # SQLAlchemy's Connection rolled back just now: the server heard from it.
-            holder.last_activity = time.monotonic()
-            return
-        state = self._state
-        driver = state.driver
-        conn = dbapi_connection.driver_connection
-        mode = self._mode
-        if mode is None or (mode == "auto" and driver.transaction_ended(conn, holder.ended_at)):
-            if mode is not None:
-                state.counters.resets_skipped += 1
+        returning = returning_to_pool(dbapi_connection)
+        if skip and driver.transaction_ended(conn, holder.cursors, holder.ended_at):
+            if returning:
+                counters.resets_skipped += 1
             usage = driver.last_usage(conn)
             if usage is not None and usage > holder.last_activity:
-                holder.last_activity = usage
+                holder.active(usage)
             return
-        if driver.is_closed(conn):  # nothing can reach a dead connection
-            record.invalidate()
+        if not returning:  # a Connection's or Session's own rollback: SQLAlchemy's way
+            rollback(dbapi_connection)
+            # _ended(holder), spelt out: this is the end of every connection read.
+            cursors = holder.cursors
+            holder.ended_at = None if cursors is None else cursors.count
+            now = time.monotonic()
+            holder.last_activity = now
+            holder.trusted_until = min(holder.expires, now + holder.quiet_for)
             return
-        state.counters.resets += 1
-        handling = sys.exc_info()[1]
-        end = driver.commit if mode == "commit" else driver.rollback
-        try:
-            dbapi_connection.run_async(lambda c: finish(end(c), RESET_TIMEOUT, "reset on return"))
-        except asyncio.CancelledError as cancelled:
-            # The reset finished (finish() saw to it) while a cancellation arrived. Let the
-            # pool take the clean connection back and deliver the cancellation later: raised
-            # from here, SQLAlchemy would discard the connection half-way.
-            absorb_cancellation(cancelled, handling)
-        except Exception as exc:
-            # A connection that cannot be reset cannot be reused: discard it here, quietly
-            # for a dead one (the pool would log the error with a traceback).
-            dead = is_disconnect(exc) or isinstance(exc, TimeoutError)
-            log.log(
-                logging.DEBUG if dead else logging.WARNING,
-                "discarding a connection whose reset on return failed: %s",
-                describe(exc),
-            )
-            driver.abort(conn)
-            record.invalidate(exc)
-            return
-        holder.ended_at = driver.cursors_created(conn)
-        holder.last_activity = time.monotonic()
+        if holder.closed(conn):
+            return  # nothing reaches a dead connection; its next checkout replaces it
+        counters.resets += 1
+        _bounded_rollback(dbapi_connection, state)
+        _ended(holder)
+
+    return do_rollback
+
+
+def _bounded_rollback(dbapi_connection: Any, state: EngineState) -> None:
+    """The ROLLBACK of a connection going back to the pool: bounded, surviving a
+    cancellation; on failure the socket is closed, so the next checkout replaces it."""
+    driver = state.driver
+    handling = sys.exc_info()[1]
+    try:
+        dbapi_connection.run_async(
+            lambda c: finish(driver.rollback(c), RESET_TIMEOUT, "rollback on return")
+        )
+    except asyncio.CancelledError as cancelled:
+        # The ROLLBACK finished (finish() saw to it) while a cancellation arrived. Let the
+        # pool take the clean connection back and deliver the cancellation later: raised
+        # from here, SQLAlchemy would discard the connection half-way.
+        absorb_cancellation(cancelled, handling)
+    except Exception as exc:
+        # Raised to the pool, it would log the error with a traceback. Closed here, the
+        # connection is found dead and replaced at its next checkout, quietly.
+        log.debug("closing a connection whose rollback on return failed: %s", describe(exc))
+        driver.abort(dbapi_connection.driver_connection)
+
+
+def install_reset(dialect: Dialect, state: EngineState, mode: Mode) -> None:
+    """Wrap the engine's own dialect's ``do_rollback`` and ``do_commit`` as the module
+    docstring says (``create_async_engine`` makes a dialect instance per engine)."""
+    dialect.do_commit = _noting_commit(dialect.do_commit, state)  # type: ignore[method-assign,assignment]
+    dialect.do_rollback = _deciding_rollback(  # type: ignore[method-assign,assignment]
+        dialect.do_rollback, state, skip=mode == "auto"
+    )

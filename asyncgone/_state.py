@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
@@ -29,21 +30,26 @@ from ._stats import Counters, Stats
 
 if TYPE_CHECKING:
     from ._cancel import StatementKiller
-    from ._drivers import DriverSupport
+    from ._drivers import CursorCount, DriverSupport
 
 __all__ = [
+    "CHECKOUT_KEY",
+    "HOLDER_KEY",
     "ConnectionHolder",
     "EngineState",
     "attach",
     "holder_of",
+    "holder_of_checkout",
     "lifetime_deadline",
+    "note_checkout",
     "state_of",
     "stats",
 ]
 
 log = logging.getLogger("asyncgone")
 
-_HOLDER_KEY = "asyncgone"
+HOLDER_KEY = "asyncgone"
+CHECKOUT_KEY = "_asyncgone_holder"
 
 # Up to this fraction of max_lifetime is taken off each connection's lifetime at random, so
 # that connections opened together (a pool warming up, a restart) do not retire together.
@@ -67,7 +73,10 @@ class ConnectionHolder:
     """asyncgone's facts about one pooled connection (times on ``time.monotonic()``)."""
 
     __slots__ = (
+        "closed",
+        "conn",
         "created",
+        "cursors",
         "ended_at",
         "expires",
         "fresh",
@@ -75,17 +84,30 @@ class ConnectionHolder:
         "last_activity",
         "leak_timer",
         "loop",
+        "quiet_for",
+        "trusted_until",
     )
 
     def __init__(
-        self, created: float, expires: float, idle_limit: float, loop: asyncio.AbstractEventLoop
+        self,
+        created: float,
+        expires: float,
+        idle_limit: float,
+        loop: asyncio.AbstractEventLoop,
+        ping_after: float | None = None,
     ) -> None:
         self.created = created
         self.expires = expires
         self.idle_limit = idle_limit
+        # How long the connection may stay idle and still be handed out without anything
+        # but the socket check: less than its idle limit, and than the ping threshold.
+        self.quiet_for = min(idle_limit, math.inf if ping_after is None else ping_after)
         # When the server last heard from this connection, never later than the truth: the
         # server's wait_timeout counts from there. Idle time is measured from it.
         self.last_activity = created
+        # Until when a checkout needs nothing but the socket check: before the connection's
+        # end of life and within ``quiet_for`` of its last activity (see ``active``).
+        self.trusted_until = min(expires, created + self.quiet_for)
         # Opened for the checkout in progress (nothing to check yet); the first checkout
         # clears it, and so does the keepalive for connections it opens in the background.
         self.fresh = True
@@ -94,13 +116,54 @@ class ConnectionHolder:
         # until the record reconnects.
         self.loop = weakref.ref(loop)
         # How many cursors the connection had created when SQLAlchemy last ended its
-        # transaction (see _reset); None until it has.
+        # transaction (see _reset); None until it has. ``cursors`` counts them.
         self.ended_at: int | None = None
+        self.cursors: CursorCount | None = None
+        # Whether the connection can no longer be used (no round trip; see _drivers).
+        self.closed: Callable[[Any], bool] = _unknown
+        # The driver's connection, weakly (it must not outlive its close in here): reached
+        # at every unit of work, more cheaply than through SQLAlchemy's objects.
+        self.conn: Callable[[], Any] = _gone
         self.leak_timer: asyncio.TimerHandle | None = None
+
+    def active(self, when: float) -> None:
+        """Note that the server heard from the connection at ``when``."""
+        self.last_activity = when
+        self.trusted_until = min(self.expires, when + self.quiet_for)
 
     def remember(self, record: ConnectionPoolEntry) -> None:
         """Attach to a pool record."""
-        record.info[_HOLDER_KEY] = self
+        record.info[HOLDER_KEY] = self
+
+
+def _unknown(conn: Any) -> bool:
+    return False
+
+
+def _gone() -> None:
+    return None
+
+
+def holder_of_checkout(pooled: Any) -> ConnectionHolder | None:
+    """The holder of a checked-out connection (SQLAlchemy's pooled connection object), as
+    the checkout check left it on it: one attribute read, for calls made at every unit of
+    work (the pooled connection's ``info`` is computed afresh for every checkout). None
+    when there is none, e.g. the stand-in SQLAlchemy uses while it initialises the dialect."""
+    holder: ConnectionHolder | None = getattr(pooled, CHECKOUT_KEY, None)
+    return holder
+
+
+def note_checkout(pooled: Any, holder: ConnectionHolder) -> None:
+    """Leave ``holder`` on a checked-out connection for ``holder_of_checkout``.
+
+    SQLAlchemy's pooled connection objects (``_ConnectionFairy``) have a ``__dict__`` in 2.0
+    and 2.1; one without would only cost the checks that need the holder (every return
+    then rolls back).
+    """
+    try:  # noqa: SIM105 - contextlib.suppress costs a context manager on every checkout
+        setattr(pooled, CHECKOUT_KEY, holder)
+    except AttributeError:
+        pass
 
 
 def holder_of(
@@ -110,7 +173,7 @@ def holder_of(
     record's ``info``); None for a connection asyncgone did not set up."""
     if pooled is None:
         return None
-    holder: ConnectionHolder | None = pooled.info.get(_HOLDER_KEY)
+    holder: ConnectionHolder | None = pooled.info.get(HOLDER_KEY)
     return holder
 
 
