@@ -163,10 +163,8 @@ class DriverSupport:
         """
         if self._shape is Shape.UNKNOWN:
             return None
-        counter = getattr(conn, "cursor", None)
-        if not isinstance(counter, CursorCount):
-            counter = conn.cursor = CursorCount(conn)
-        return counter
+        counts = getattr(getattr(conn, "cursor", None), "counts", None)
+        return counts if isinstance(counts, CursorCount) else _counting_cursor(conn)
 
     def streaming(self, conn: Any) -> bool:
         """Whether an unbuffered result (a server-side cursor, ``session.stream()``) is
@@ -277,22 +275,32 @@ class DriverSupport:
 
 
 class CursorCount:
-    """A driver connection's ``cursor`` method that counts its calls.
+    """How many cursors a driver connection has created (``count``)."""
 
-    It holds the connection weakly: a bound method kept on the instance would make every
-    connection a reference cycle, freed only by the garbage collector.
-    """
+    __slots__ = ("count",)
 
-    __slots__ = ("_conn", "count")
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = weakref.ref(conn)
+    def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.count += 1
-        conn: Any = self._conn()
-        return type(conn).cursor(conn, *args, **kwargs)
+
+def _counting_cursor(conn: Any) -> CursorCount:
+    """Replace ``conn.cursor`` on the instance with a function that counts its calls.
+
+    A plain function, not a callable object (an instance call costs a type lookup more per
+    statement), holding the connection weakly: a bound method kept on the instance would
+    make every connection a reference cycle, freed only by the garbage collector.
+    """
+    counts = CursorCount()
+    ref = weakref.ref(conn)
+    cursor = type(conn).cursor
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts.count += 1
+        return cursor(ref(), *args, **kwargs)
+
+    counted.counts = counts  # type: ignore[attr-defined]
+    conn.cursor = counted
+    return counts
 
 
 async def _maybe_await(result: Any) -> Any:

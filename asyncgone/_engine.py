@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ._cancel import StatementKiller
 from ._checkout import CheckoutCheck
 from ._closing import guard_closing
+from ._compat import default_pool_class
 from ._config import given_connect_timeout, split_options
 from ._connect import ConnectSetup
 from ._drivers import support_for
@@ -71,13 +72,15 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     # Not given: asyncgone's "rollback when needed"; given: what SQLAlchemy documents.
     given = [sa_kwargs.pop("pool_reset_on_return")] if "pool_reset_on_return" in sa_kwargs else []
     mode = reset_mode(*given)
-    engine = create_async_engine(
-        resolved,
-        connect_args=connect_args,
+    check = CheckoutCheck()
+    # A pool made by the application (pool=) keeps its reset setting and is checked through
+    # the checkout event; otherwise the engine's pool class runs the check itself.
+    if "pool" not in sa_kwargs:
+        base = sa_kwargs.get("poolclass") or default_pool_class(resolved)
+        sa_kwargs["poolclass"] = check.pool_class(base) or base
         # asyncgone's do_rollback decides whether the pool's ROLLBACK is needed (_reset).
-        pool_reset_on_return=pool_reset(mode),
-        **sa_kwargs,
-    )
+        sa_kwargs["pool_reset_on_return"] = pool_reset(mode)
+    engine = create_async_engine(resolved, connect_args=connect_args, **sa_kwargs)
     sync = engine.sync_engine
     dialect = sync.dialect
     driver = support_for(dialect)
@@ -90,7 +93,7 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)
-    CheckoutCheck(state).install(sync)
+    check.install(sync, state)
     install_reset(dialect, state, mode)
     ErrorHandling(state, dbapi).install(sync)
     guard_closing(dialect, driver)

@@ -159,7 +159,6 @@ class Keepalive:
         record = _compat.open_idle(pool)
         if record is None:
             return False
-        _opened_in_background(record)
         self._give_back(pool, record)
         return True
 
@@ -224,15 +223,8 @@ def _replace(record: ConnectionPoolEntry) -> None:
 
 def _reconnect(record: ConnectionPoolEntry) -> None:
     """Open a new connection in an empty pool record (in SQLAlchemy's greenlet)."""
+    # Opened before any checkout that takes it begins: that checkout checks it like any other.
     _compat.reconnect(record)
-    _opened_in_background(record)
-
-
-def _opened_in_background(record: ConnectionPoolEntry) -> None:
-    # Not opened for a checkout: the first user checkout must check it like any other.
-    holder = holder_of(record)
-    if holder is not None:
-        holder.fresh = False
 
 
 def _may_borrow(pool: QueuePool) -> bool:

@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import Dialect
 
-from ._compat import returning_to_pool
+from ._compat import FAIRY_CHECKOUTS, FAIRY_RECORD, returning_to_pool
 from ._errors import ConfigurationError, describe
-from ._state import CHECKOUT_KEY, ConnectionHolder, EngineState, holder_of_checkout
+from ._state import HOLDER_KEY, ConnectionHolder, EngineState, holder_of_checkout
 from ._waits import absorb_cancellation, finish
 
 __all__ = ["Mode", "install_reset", "reset_mode"]
@@ -112,13 +112,20 @@ def _deciding_rollback(
 
     def do_rollback(dbapi_connection: Any) -> None:
         # Inlined holder_of_checkout(): this runs at the end of every unit of work.
-        holder: ConnectionHolder | None = getattr(dbapi_connection, CHECKOUT_KEY, None)
+        record = getattr(dbapi_connection, FAIRY_RECORD, None)
+        holder: ConnectionHolder | None = None if record is None else record.info.get(HOLDER_KEY)
         conn = None if holder is None else holder.conn()
         if holder is None or conn is None:
             rollback(dbapi_connection)
             return
-        returning = returning_to_pool(dbapi_connection)
-        if skip and driver.transaction_ended(conn, holder.cursors, holder.ended_at):
+        returning = getattr(dbapi_connection, FAIRY_CHECKOUTS, 1) == 0  # returning_to_pool
+        cursors = holder.cursors
+        if (
+            skip
+            and cursors is not None
+            and cursors.count == holder.ended_at  # no cursor since: ask the driver too
+            and driver.transaction_ended(conn, cursors, holder.ended_at)
+        ):
             if returning:
                 counters.resets_skipped += 1
             usage = driver.last_usage(conn)
@@ -128,7 +135,6 @@ def _deciding_rollback(
         if not returning:  # a Connection's or Session's own rollback: SQLAlchemy's way
             rollback(dbapi_connection)
             # _ended(holder), spelt out: this is the end of every connection read.
-            cursors = holder.cursors
             holder.ended_at = None if cursors is None else cursors.count
             now = time.monotonic()
             holder.last_activity = now

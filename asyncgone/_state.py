@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from ._compat import FAIRY_RECORD
 from ._config import EngineOptions
 from ._errors import ConfigurationError
 from ._stats import Counters, Stats
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from ._drivers import CursorCount, DriverSupport
 
 __all__ = [
-    "CHECKOUT_KEY",
     "HOLDER_KEY",
     "ConnectionHolder",
     "EngineState",
@@ -41,7 +41,6 @@ __all__ = [
     "holder_of",
     "holder_of_checkout",
     "lifetime_deadline",
-    "note_checkout",
     "state_of",
     "stats",
 ]
@@ -49,7 +48,6 @@ __all__ = [
 log = logging.getLogger("asyncgone")
 
 HOLDER_KEY = "asyncgone"
-CHECKOUT_KEY = "_asyncgone_holder"
 
 # Up to this fraction of max_lifetime is taken off each connection's lifetime at random, so
 # that connections opened together (a pool warming up, a restart) do not retire together.
@@ -79,7 +77,6 @@ class ConnectionHolder:
         "cursors",
         "ended_at",
         "expires",
-        "fresh",
         "idle_limit",
         "last_activity",
         "leak_timer",
@@ -108,9 +105,6 @@ class ConnectionHolder:
         # Until when a checkout needs nothing but the socket check: before the connection's
         # end of life and within ``quiet_for`` of its last activity (see ``active``).
         self.trusted_until = min(expires, created + self.quiet_for)
-        # Opened for the checkout in progress (nothing to check yet); the first checkout
-        # clears it, and so does the keepalive for connections it opens in the background.
-        self.fresh = True
         # The event loop the connection's transport belongs to: it cannot be used, nor even
         # closed politely, from any other. Weakly: a closed loop must not stay in memory
         # until the record reconnects.
@@ -145,25 +139,12 @@ def _gone() -> None:
 
 
 def holder_of_checkout(pooled: Any) -> ConnectionHolder | None:
-    """The holder of a checked-out connection (SQLAlchemy's pooled connection object), as
-    the checkout check left it on it: one attribute read, for calls made at every unit of
-    work (the pooled connection's ``info`` is computed afresh for every checkout). None
-    when there is none, e.g. the stand-in SQLAlchemy uses while it initialises the dialect."""
-    holder: ConnectionHolder | None = getattr(pooled, CHECKOUT_KEY, None)
+    """The holder of a checked-out connection (SQLAlchemy's pooled connection object), read
+    through its pool record; None when there is none, e.g. the stand-in SQLAlchemy uses while
+    it initialises the dialect."""
+    record = getattr(pooled, FAIRY_RECORD, None)
+    holder: ConnectionHolder | None = None if record is None else record.info.get(HOLDER_KEY)
     return holder
-
-
-def note_checkout(pooled: Any, holder: ConnectionHolder) -> None:
-    """Leave ``holder`` on a checked-out connection for ``holder_of_checkout``.
-
-    SQLAlchemy's pooled connection objects (``_ConnectionFairy``) have a ``__dict__`` in 2.0
-    and 2.1; one without would only cost the checks that need the holder (every return
-    then rolls back).
-    """
-    try:  # noqa: SIM105 - contextlib.suppress costs a context manager on every checkout
-        setattr(pooled, CHECKOUT_KEY, holder)
-    except AttributeError:
-        pass
 
 
 def holder_of(

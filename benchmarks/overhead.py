@@ -1,19 +1,26 @@
-"""Client CPU per unit of work: what asyncgone's listeners cost, without server noise.
+"""Client CPU per unit of work: what asyncgone's own code costs, without server noise.
 
-    python benchmarks/overhead.py [--url URL] [--rounds 15] [--units 1000]
+    python benchmarks/overhead.py [--url URL] [--units 20000] [--drivers aiomysql,asyncmy]
 
 Runs the same unit (check out a pooled connection, ``SELECT 1``, return it) on a plain
-``create_async_engine`` and on ``asyncgone.create_engine``, alternating rounds, and reports
-the client process's CPU time per unit (``time.process_time``): the median of each, the
-difference, and the spread of the per-round differences. Both engines send the server the
-same two commands per unit here, so the difference is asyncgone's own work at checkout,
-reset and checkin.
+``create_async_engine`` and on ``asyncgone.create_engine``, alternating unit by unit, and
+measures each unit's client CPU time (``time.process_time_ns``: user and kernel time of this
+process, so the ``poll(2)`` of the socket check counts; waiting for the server does not).
+Both engines send the server the same two commands per unit here, so the difference is
+asyncgone's own work at checkout, statement and return.
+
+Alternating single units (rather than rounds of many) puts both engines under the same
+machine conditions at every moment, and the medians of many short samples ignore the
+interruptions that make rounds noisy. Reported per driver: the median CPU per unit of each
+engine, the difference of the medians, and a 95 % interval for it from resampling the
+units (bootstrap).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import time
@@ -25,37 +32,56 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import asyncgone
 
 
-async def run(engine: AsyncEngine, units: int) -> float:
-    """Client CPU microseconds per unit over ``units`` sequential units."""
-    started = time.process_time()
-    for _ in range(units):
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    return (time.process_time() - started) / units * 1e6
+async def unit(engine: AsyncEngine) -> int:
+    """One unit of work; returns its client CPU time in nanoseconds."""
+    started = time.process_time_ns()
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    return time.process_time_ns() - started
+
+
+def interval(a: list[int], b: list[int], rounds: int = 200) -> tuple[float, float]:
+    """A 95 % bootstrap interval for median(b) - median(a), in microseconds."""
+    rng = random.Random(0)
+    diffs = sorted(
+        statistics.median(rng.choices(b, k=len(b))) - statistics.median(rng.choices(a, k=len(a)))
+        for _ in range(rounds)
+    )
+    return diffs[int(rounds * 0.025)] / 1000, diffs[int(rounds * 0.975)] / 1000
+
+
+async def measure(url: str, units: int) -> tuple[list[int], list[int]]:
+    """CPU nanoseconds per unit on each engine, units alternating between them."""
+    plain = create_async_engine(url, pool_size=1)
+    ours = asyncgone.create_engine(url, pool_size=1)
+    try:
+        for _ in range(500):  # warm: connections, statement caches, specialised bytecode
+            await unit(plain)
+            await unit(ours)
+        cost: tuple[list[int], list[int]] = ([], [])
+        for i in range(units):
+            first, second = (plain, ours) if i % 2 else (ours, plain)
+            a = await unit(first)
+            b = await unit(second)
+            cost[0].append(a if first is plain else b)
+            cost[1].append(b if first is plain else a)
+        return cost
+    finally:
+        await plain.dispose()
+        await ours.dispose()
 
 
 async def main(args: argparse.Namespace) -> None:
     for driver in args.drivers:
         url = make_url(args.url).set(drivername=f"mysql+{driver}")
-        plain = create_async_engine(url, pool_size=1)
-        ours = asyncgone.create_engine(url, pool_size=1)
-        try:
-            for engine in (plain, ours):
-                await run(engine, args.units // 5)  # warm: connection, caches
-            cost: dict[str, list[float]] = {"sqlalchemy": [], "asyncgone": []}
-            for _ in range(args.rounds):
-                cost["sqlalchemy"].append(await run(plain, args.units))
-                cost["asyncgone"].append(await run(ours, args.units))
-        finally:
-            await plain.dispose()
-            await ours.dispose()
-        diffs = [a - b for a, b in zip(cost["asyncgone"], cost["sqlalchemy"], strict=True)]
-        quartiles = statistics.quantiles(diffs, n=4)
+        plain, ours = await measure(url.render_as_string(hide_password=False), args.units)
+        low, high = interval(plain, ours)
+        median_plain = statistics.median(plain) / 1000
+        median_ours = statistics.median(ours) / 1000
         print(
-            f"{driver}: sqlalchemy {statistics.median(cost['sqlalchemy']):.0f} µs/unit, "
-            f"asyncgone {statistics.median(cost['asyncgone']):.0f} µs/unit, difference "
-            f"{statistics.median(diffs):+.1f} µs (middle half of rounds {quartiles[0]:+.1f} to "
-            f"{quartiles[2]:+.1f})"
+            f"{driver}: sqlalchemy {median_plain:.1f} µs/unit, asyncgone {median_ours:.1f} "
+            f"µs/unit, difference {median_ours - median_plain:+.1f} µs (95 % interval "
+            f"{low:+.1f} to {high:+.1f}; {len(plain)} units each)"
         )
 
 
@@ -63,8 +89,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="mysql://root@127.0.0.1:3306/test")
     parser.add_argument("--drivers", type=lambda s: s.split(","), default=["aiomysql", "asyncmy"])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--units", type=int, default=1000)
+    parser.add_argument("--units", type=int, default=20000)
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,141 @@
+"""Where the checkout check runs: in the pool's own step that takes a record, for every pool.
+
+asyncgone makes each engine's pool a subclass of its usual class that checks the record it
+takes (cheaper than a ``checkout`` listener); a pool built by the application (``pool=``)
+is checked through the ``checkout`` event instead. Either way a killed idle connection is
+never handed out, and a connection opened for a checkout is not checked again.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
+
+import asyncgone
+
+from ._support import Server, connection_id, count_errors, warm
+
+pytestmark = pytest.mark.anyio
+
+
+async def _kill_and_reuse(engine: object, shared: Server) -> tuple[int, int]:
+    """Kill the one idle connection, then run a unit: return (killed, used) thread ids."""
+    [killed] = await warm(engine, 1)  # type: ignore[arg-type]
+    shared.kill(killed)
+    await anyio.sleep(0.1)
+    with count_errors(engine) as errors:  # type: ignore[arg-type]
+        used = await connection_id(engine)  # type: ignore[arg-type]
+    assert errors == []
+    return killed, used
+
+
+async def test_the_pool_keeps_its_class_name_and_logger(url: str) -> None:
+    """The engine's pool is a subclass of SQLAlchemy's class with the same name and logger,
+    so pool logging configured for SQLAlchemy keeps working."""
+    engine = asyncgone.create_engine(url, pool_size=1)
+    try:
+        pool = engine.sync_engine.pool
+        assert isinstance(pool, AsyncAdaptedQueuePool)
+        assert type(pool) is not AsyncAdaptedQueuePool
+        assert type(pool).__name__ == "AsyncAdaptedQueuePool"
+        assert pool.logger.name == "sqlalchemy.pool.impl.AsyncAdaptedQueuePool"  # type: ignore[union-attr]
+        assert not pool.dispatch.checkout  # no listener: the check is the pool's own
+    finally:
+        await engine.dispose()
+
+
+async def test_a_killed_connection_is_replaced_after_dispose(url: str, shared: Server) -> None:
+    """engine.dispose() recreates the pool from its class: the check survives it."""
+    engine = asyncgone.create_engine(url, pool_size=1)
+    try:
+        await warm(engine, 1)
+        await engine.dispose()
+        killed, used = await _kill_and_reuse(engine, shared)
+        assert used != killed
+        assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
+    finally:
+        await engine.dispose()
+
+
+async def test_an_application_pool_is_checked_through_the_checkout_event(
+    url: str, shared: Server
+) -> None:
+    """A pool the application builds itself (``pool=``) gets the check as a listener."""
+    plain = create_async_engine(url)
+    pool = AsyncAdaptedQueuePool(plain.sync_engine.pool._creator, pool_size=1)
+    engine = asyncgone.create_engine(url, pool=pool)
+    try:
+        assert engine.sync_engine.pool.dispatch.checkout  # the fallback listener
+        killed, used = await _kill_and_reuse(engine, shared)
+        assert used != killed
+        assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
+    finally:
+        await engine.dispose()
+        await plain.dispose()
+
+
+async def test_a_given_poolclass_is_subclassed_too(url: str) -> None:
+    """``poolclass=NullPool`` stays a NullPool, checked the same way."""
+    engine = asyncgone.create_engine(url, poolclass=NullPool)
+    try:
+        assert isinstance(engine.sync_engine.pool, NullPool)
+        assert not engine.sync_engine.pool.dispatch.checkout
+        assert await connection_id(engine) != await connection_id(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_opened_for_a_checkout_is_not_checked_again(url: str) -> None:
+    """With ``ping_after=0`` every reused connection is pinged, but not one just opened for
+    this checkout; the next checkout of it is a reuse."""
+    engine = asyncgone.create_engine(url, pool_size=1, ping_after=0)
+    try:
+        await connection_id(engine)
+        stats = asyncgone.stats(engine)
+        assert (stats.checkouts, stats.checks, stats.pings) == (1, 0, 0)
+        await connection_id(engine)
+        stats = asyncgone.stats(engine)
+        assert (stats.checkouts, stats.checks, stats.pings) == (2, 1, 1)
+    finally:
+        await engine.dispose()
+
+
+async def test_the_check_runs_before_the_applications_checkout_listener(
+    url: str, shared: Server
+) -> None:
+    """An application's own ``checkout`` listener only ever sees a checked connection."""
+    engine = asyncgone.create_engine(url, pool_size=1)
+    seen: list[int] = []
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def remember(dbapi_connection: object, record: object, proxy: object) -> None:
+        seen.append(len(asyncgone.stats(engine).replaced))
+
+    try:
+        killed, used = await _kill_and_reuse(engine, shared)
+        assert used != killed
+        assert seen[-1] == 1  # the replacement happened before the listener ran
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_ping_returns_the_record_to_the_pool(url: str) -> None:
+    """A checkout cancelled while the check pings leaves nothing checked out, and the pool
+    serves the next checkout."""
+    engine = asyncgone.create_engine(url, pool_size=1, ping_after=0)
+    try:
+        await warm(engine, 1)
+        for _ in range(5):
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # delivered at the first wait: the ping's, or the statement's
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            assert scope.cancelled_caught
+            assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        with anyio.fail_after(10):
+            assert await connection_id(engine) > 0
+    finally:
+        await engine.dispose()
