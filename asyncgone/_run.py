@@ -27,6 +27,7 @@ from ._errors import (
     describe,
     error_code,
     is_disconnect,
+    is_read_only_refusal,
     is_unavailable,
 )
 from ._session import SessionScope, commits
@@ -109,7 +110,7 @@ def _unreplayable(
 ) -> NoReturn:
     """Raise for a unit of work that failed after committing inside ``work``."""
     begun, done = work_commits
-    if begun > done and is_disconnect(exc):
+    if begun > done and is_disconnect(exc) and not is_read_only_refusal(exc):
         counters.commit_outcome_unknown += 1
         raise CommitOutcomeUnknown(
             f"the connection to {target} was lost while a COMMIT issued by the unit of work "

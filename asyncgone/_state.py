@@ -31,6 +31,7 @@ from ._stats import Counters, Stats
 if TYPE_CHECKING:
     from ._cancel import StatementKiller
     from ._drivers import CursorCount, DriverSupport
+    from ._search import HostSearch
 
 __all__ = [
     "CHECKOUT_KEY",
@@ -216,6 +217,8 @@ class EngineState:
         self.driver = driver
         self.pool_recycle = pool_recycle
         self.killer: StatementKiller | None = None
+        # Where new connections go, for a multi-host URL or a target_role (_search).
+        self.search: HostSearch | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed
