@@ -102,6 +102,9 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         pool_recycle=sa_kwargs.get("pool_recycle"),
     )
     state.search = _host_search(resolved, hosts, options, driver, connect_timeout)
+    if state.search is not None:
+        # For connections outside the pool to each host (the replica monitor, doctor).
+        state.search.params = {**dialect.create_connect_args(resolved)[1], **connect_args}
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import weakref
 from typing import Any
@@ -64,20 +65,37 @@ class HostSearch:
         self.avoided: frozenset[HostAddress] = frozenset()
         #: What each host was when last tried: "primary", "replica" or "unreachable: ...".
         self.seen: dict[HostAddress, str] = {}
+        #: When each host was last found unreachable (monotonic); tried last for a while.
+        self.down: dict[HostAddress, float] = {}
+        #: How long a host found unreachable is tried after the others, in seconds.
+        self.recheck_after = 1.0
+        #: The driver's connect keywords, without host and port (set by create_engine()).
+        self.params: dict[str, Any] = {}
         self._facts: weakref.WeakKeyDictionary[Any, ServerFacts] = weakref.WeakKeyDictionary()
         self._hosts_of: weakref.WeakKeyDictionary[Any, HostAddress] = weakref.WeakKeyDictionary()
 
+    def usable(self, now: float | None = None) -> list[HostAddress]:
+        """The hosts neither avoided nor found unreachable within ``recheck_after``."""
+        now = time.monotonic() if now is None else now
+        return [
+            h
+            for h in self.hosts
+            if h not in self.avoided and now - self.down.get(h, -math.inf) >= self.recheck_after
+        ]
+
     def order(self) -> list[HostAddress]:
-        """The hosts in the order the next search tries them."""
-        hosts = [h for h in self.hosts if h not in self.avoided]
+        """The hosts in the order the next search tries them: the usable ones (see the
+        module docstring), then those recently found unreachable."""
+        hosts = self.usable()
         if self.target == "replica" and hosts:
             start = next(self._turn) % len(hosts)
-            return hosts[start:] + hosts[:start]
+            hosts = hosts[start:] + hosts[:start]
         preferred = self.preferred
-        if preferred in hosts:
+        if self.target != "replica" and preferred in hosts:
             hosts.remove(preferred)
             hosts.insert(0, preferred)
-        return hosts
+        down = [h for h in self.hosts if h not in hosts and h not in self.avoided]
+        return hosts + sorted(down, key=lambda h: self.down.get(h, 0.0))
 
     def facts_of(self, conn: Any) -> ServerFacts | None:
         """The facts read from a connection this search opened (once), or None."""
@@ -115,10 +133,12 @@ class HostSearch:
                     else describe(exc)
                 )
                 self.seen[host] = f"unreachable: {what}"
+                self.down[host] = time.monotonic()
                 tried.append(f"{host} unreachable ({what})")
                 continue
             role = "replica" if facts.read_only else "primary"
             self.seen[host] = role
+            self.down.pop(host, None)
             if role_fits(self.target, facts.read_only):
                 self.preferred = host
                 self._facts[conn] = facts
