@@ -23,7 +23,12 @@ from ._config import RunOptions, check_flag, seconds, split_options
 from ._engine import create_engine
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
-from ._routing import DEFAULT_MAX_REPLICA_LAG, DEFAULT_REPLICA_CHECK_INTERVAL, Routing
+from ._routing import (
+    DEFAULT_CAUSAL_READS_TIMEOUT,
+    DEFAULT_MAX_REPLICA_LAG,
+    DEFAULT_REPLICA_CHECK_INTERVAL,
+    Routing,
+)
 from ._run import run_unit
 from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
 from ._state import EngineState, holder_of, state_of, stats
@@ -66,6 +71,7 @@ _OWN_KEYWORDS = (
     "max_replica_lag",
     "replica_check_interval",
     "replica_fallback",
+    "causal_reads_timeout",
 )
 
 
@@ -111,6 +117,9 @@ class Database:
             replica's health and lag (``DEFAULT_REPLICA_CHECK_INTERVAL``, 1).
         replica_fallback (str): with no fit replica, ``"primary"`` (the default) serves
             ``read_only`` work from ``url``; ``"raise"`` raises ``DatabaseUnavailable``.
+        causal_reads_timeout (float): seconds a ``read_only`` session after a commit in the
+            same context waits for its replica to apply it before the primary serves it
+            (``DEFAULT_CAUSAL_READS_TIMEOUT``, 1).
         **engine_options: asyncgone's options and every ``create_async_engine`` keyword.
 
     Raises:
@@ -132,6 +141,7 @@ class Database:
         max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
         replica_check_interval: float = DEFAULT_REPLICA_CHECK_INTERVAL,
         replica_fallback: str = "primary",
+        causal_reads_timeout: float = DEFAULT_CAUSAL_READS_TIMEOUT,
         **engine_options: Any,
     ) -> None:
         self.url = resolve_url(url)  # validated now, like every option below
@@ -143,6 +153,7 @@ class Database:
                 max_lag=max_replica_lag,
                 interval=replica_check_interval,
                 fallback=replica_fallback,
+                causal_timeout=causal_reads_timeout,
             )
         )
         self._options, _ = split_options(engine_options, also=_OWN_KEYWORDS)
@@ -206,7 +217,7 @@ class Database:
             self._keepalive = await Keepalive(self._engine).start()
         if self._routing is not None:
             try:
-                await self._routing.start(self._engine_options)
+                await self._routing.start(self._engine_options, self._engine)
             except BaseException:
                 await self.close()
                 raise
@@ -255,16 +266,15 @@ class Database:
         With ``read_only=True`` and ``replicas`` given, the session goes to a replica the
         background check found fit (reachable, replicating, lagging at most
         ``max_replica_lag``), else to the primary (or raises ``DatabaseUnavailable`` with
-        ``replica_fallback="raise"``); the choice costs no round trip.
+        ``replica_fallback="raise"``); the choice costs no round trip. After a commit in
+        the same context (task, request), it reads its own writes: its replica first waits
+        (``MASTER_GTID_WAIT``, at most ``causal_reads_timeout``) for that commit, else the
+        primary serves it.
         """
-        engine = self.engine
+        options = {**self._session_options, **session_options}
         if read_only and self._routing is not None:
-            engine = self._routing.engine_for(engine)
-        return SessionScope(
-            engine,
-            {**self._session_options, **session_options},
-            cleanup_timeout=self._cleanup_timeout,
-        )
+            return self._routing.scope(self.engine, options, self._cleanup_timeout)
+        return SessionScope(self.engine, options, cleanup_timeout=self._cleanup_timeout)
 
     async def run(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _statements
+from ._causal import applied
 from ._connector import open_connection
 from ._errors import describe
 from ._hosts import HostAddress
@@ -123,6 +124,13 @@ class ReplicaMonitor:
     def fit(self) -> bool:
         """Whether some replica may take ``read_only`` work now (no I/O)."""
         return bool(self._search.usable())
+
+    def applied_everywhere(self, gtid: str) -> bool:
+        """Whether the last check found ``gtid`` applied on every usable replica."""
+        usable = self._search.usable()
+        return bool(usable) and all(
+            h in self.health and applied(self.health[h].gtid_position, gtid) for h in usable
+        )
 
     async def start(self) -> ReplicaMonitor:
         """Check every host once, then keep checking in the background; return self."""

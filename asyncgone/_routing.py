@@ -15,15 +15,18 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._cancel import drain_and_dispose
+from ._causal import PRIMARY, CausalScope, GtidTracker
 from ._config import seconds
 from ._engine import create_engine
 from ._errors import ConfigurationError, DatabaseUnavailable
 from ._hosts import hosts_of
 from ._replicas import ReplicaHealth, ReplicaMonitor
+from ._session import SessionScope
 from ._state import state_of
 from ._url import mask, resolve_url
 
 __all__ = [
+    "DEFAULT_CAUSAL_READS_TIMEOUT",
     "DEFAULT_MAX_REPLICA_LAG",
     "DEFAULT_REPLICA_CHECK_INTERVAL",
     "Routing",
@@ -38,6 +41,10 @@ DEFAULT_MAX_REPLICA_LAG = 5.0
 #: Seconds between two checks of every replica's health and lag.
 DEFAULT_REPLICA_CHECK_INTERVAL = 1.0
 
+#: Seconds a ``read_only`` session after a commit waits for its replica to apply that
+#: commit before it goes to the primary instead.
+DEFAULT_CAUSAL_READS_TIMEOUT = 1.0
+
 Fallback = Literal["primary", "raise"]
 
 
@@ -51,6 +58,7 @@ class Routing:
         max_lag: float,
         interval: float,
         fallback: str,
+        causal_timeout: float = DEFAULT_CAUSAL_READS_TIMEOUT,
     ) -> None:
         self.url = resolve_url(replicas)
         if not hosts_of(self.url) and not self.url.host:
@@ -62,10 +70,12 @@ class Routing:
                 f"replica_fallback must be 'primary' or 'raise', got {fallback!r}"
             )
         self.fallback: Fallback = fallback  # type: ignore[assignment]
+        self.causal_timeout = seconds("causal_reads_timeout", causal_timeout, allow_zero=True)
+        self.tracker = GtidTracker(timeout=self.causal_timeout + 5.0)
         self.engine: AsyncEngine | None = None
         self.monitor: ReplicaMonitor | None = None
 
-    async def start(self, engine_options: dict[str, Any]) -> None:
+    async def start(self, engine_options: dict[str, Any], primary: AsyncEngine) -> None:
         """Create the replica engine and check every replica once (a replica that is down
         is avoided, not fatal: the primary serves meanwhile)."""
         options = {**engine_options, "target_role": "replica"}
@@ -78,6 +88,13 @@ class Routing:
             self.engine, state, max_lag=self.max_lag, interval=self.interval
         )
         await self.monitor.start()
+        primary_state = state_of(primary)
+        assert primary_state is not None
+        dialect = primary.sync_engine.dialect
+        tracker = self.tracker
+        primary_state.after_commit = lambda c: tracker.after_commit(
+            c, getattr(dialect, "is_mariadb", True)
+        )
 
     async def close(self, timeout: float) -> None:
         """Stop the monitor and dispose the replica engine (bounded)."""
@@ -99,6 +116,30 @@ class Routing:
                 f"{self.report()}"
             )
         return primary
+
+    def scope(
+        self, primary: AsyncEngine, options: dict[str, Any], cleanup_timeout: float
+    ) -> SessionScope:
+        """The scope of a ``read_only`` session: on a fit replica that has applied this
+        context's last commit (waiting for it, bounded, if needed), else on the primary."""
+        engine = self.engine_for(primary)
+        gtid = self.tracker.get()
+        if gtid is None or engine is primary:
+            return SessionScope(engine, options, cleanup_timeout=cleanup_timeout)
+        if gtid == PRIMARY:
+            return SessionScope(primary, options, cleanup_timeout=cleanup_timeout)
+        monitor = self.monitor
+        if monitor is not None and monitor.applied_everywhere(gtid):
+            self.tracker.clear()  # every usable replica has it: no wait from now on
+            return SessionScope(engine, options, cleanup_timeout=cleanup_timeout)
+        return CausalScope(
+            engine,
+            options,
+            cleanup_timeout=cleanup_timeout,
+            primary=primary,
+            gtid=gtid,
+            timeout=self.causal_timeout,
+        )
 
     def health(self) -> list[ReplicaHealth]:
         """The monitor's last check of every replica host."""

@@ -219,6 +219,9 @@ class EngineState:
         self.killer: StatementKiller | None = None
         # Where new connections go, for a multi-host URL or a target_role (_search).
         self.search: HostSearch | None = None
+        # Called with the DBAPI connection right after each COMMIT (in SQLAlchemy's
+        # greenlet): read-your-writes reads the commit's GTID there (_causal).
+        self.after_commit: Callable[[Any], None] | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed
