@@ -4,6 +4,9 @@ finds no fitting host says which hosts it tried and what they were."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import anyio.to_thread
@@ -107,3 +110,42 @@ async def test_no_fitting_host_names_every_host_and_its_role(
     with pytest.raises(asyncgone.DatabaseUnavailable, match="read-only"):
         async with asyncgone.Database(url, target_role="primary"):
             pass
+
+
+def test_doctor_reports_every_host(asyncgone_replication: ReplicationTopology, driver: str) -> None:
+    """``asyncgone doctor`` on a multi-host URL lists each host: its role, replication
+    state, lag and GTID position, and what asyncgone does with it; a dead host is shown
+    unreachable, a lagging one avoided."""
+    topology = asyncgone_replication
+    dead, lagging = topology.replicas
+    topology.kill(dead)
+    with topology.lag(lagging):
+        result = subprocess.run(
+            [sys.executable, "-m", "asyncgone", "doctor", "--json", topology.url(driver)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        text_report = subprocess.run(
+            [sys.executable, "-m", "asyncgone", "doctor", topology.url(driver)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    hosts = {h["host"]: h for h in json.loads(result.stdout)["hosts"]}
+    primary = hosts[f"127.0.0.1:{topology.primary.port}"]
+    assert primary["role"] == "primary"
+    assert "go here" in primary["asyncgone"]
+    assert primary["gtid_position"] == topology.gtid_position(topology.primary)
+    assert hosts[f"127.0.0.1:{dead.port}"]["reachable"] is False
+    held = hosts[f"127.0.0.1:{lagging.port}"]
+    assert held["role"] == "replica"
+    assert held["replicating"] is False
+    assert "Slave_SQL_Running=No" in held["replication"]
+    assert "skipped for target_role='primary'" in held["asyncgone"]
+    assert "hosts:" in text_report.stdout
+    assert f"127.0.0.1:{dead.port}" in text_report.stdout
+    assert ":app@" not in text_report.stdout + result.stdout
