@@ -145,15 +145,12 @@ class Database:
         **engine_options: Any,
     ) -> None:
         self.url = resolve_url(url)  # validated now, like every option below
+        routing = {"max_lag": max_replica_lag, "interval": replica_check_interval}
         self._routing = (
             None
             if replicas is None
             else Routing(
-                replicas,
-                max_lag=max_replica_lag,
-                interval=replica_check_interval,
-                fallback=replica_fallback,
-                causal_timeout=causal_reads_timeout,
+                replicas, **routing, fallback=replica_fallback, causal_timeout=causal_reads_timeout
             )
         )
         self._options, _ = split_options(engine_options, also=_OWN_KEYWORDS)
@@ -217,7 +214,9 @@ class Database:
             self._keepalive = await Keepalive(self._engine).start()
         if self._routing is not None:
             try:
-                await self._routing.start(self._engine_options, self._engine)
+                await self._routing.start(
+                    self._engine_options, self._engine, keepalive=self._keepalive_on
+                )
             except BaseException:
                 await self.close()
                 raise

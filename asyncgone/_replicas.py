@@ -48,6 +48,7 @@ class ReplicaHealth:
     reachable: bool
     read_only: bool = False
     replicating: bool = False
+    applying: bool = False
     lag: float | None = None
     gtid_position: str = ""
     error: str | None = None
@@ -57,7 +58,7 @@ class ReplicaHealth:
         return (
             self.reachable
             and self.read_only
-            and self.replicating
+            and self.applying
             and self.lag is not None
             and self.lag <= max_lag
         )
@@ -68,7 +69,7 @@ class ReplicaHealth:
             return f"unreachable ({self.error})"
         if not self.read_only:
             return "writable (not a replica)"
-        if not self.replicating:
+        if not self.applying or (not self.replicating and self.lag is None):
             return f"not replicating ({self.error})"
         if self.lag is None or self.lag > max_lag:
             return f"lagging ({'unknown' if self.lag is None else f'{self.lag:g} s'})"
@@ -95,7 +96,8 @@ async def check_host(conn: Any, host: HostAddress, timeout: float) -> ReplicaHea
             reachable=True,
             read_only=bool(int(row[0])),
             replicating=running,
-            lag=None if behind is None else float(behind),
+            applying=status is not None and status.get("Slave_SQL_Running") == "Yes",
+            lag=None if behind is None or not running else float(behind),
             gtid_position=str(row[1] or row[2] or ""),
             error=None if running else stopped,
         )
@@ -118,6 +120,9 @@ class ReplicaMonitor:
         self._search: HostSearch = state.search
         self._conns: dict[HostAddress, Any] = {}
         self._task: asyncio.Task[None] | None = None
+        # When each host was last seen fit, and its lag then: the bound on its lag while
+        # its source is unreachable (a primary that died) and it applies what it has.
+        self._fit_at: dict[HostAddress, tuple[float, float]] = {}
         #: The last check of each host.
         self.health: dict[HostAddress, ReplicaHealth] = {}
 
@@ -165,7 +170,7 @@ class ReplicaMonitor:
         hosts = self._search.hosts
         results = await asyncio.gather(*(self._check(h) for h in hosts))
         now = time.monotonic()
-        self.health = dict(zip(hosts, results, strict=True))
+        self.health = {h: self._bounded(h, r, now) for h, r in zip(hosts, results, strict=True)}
         unfit = frozenset(h for h, r in self.health.items() if not r.fit(self.max_lag))
         newly = unfit - self._search.avoided
         self._search.avoided = unfit
@@ -177,6 +182,20 @@ class ReplicaMonitor:
             log.warning("avoiding replicas: %s", reasons)
             # Its pooled connections are retired at their next checkout.
             self._state.invalidate_pool(now, f"replicas turned unfit: {reasons}")
+
+    def _bounded(self, host: HostAddress, result: ReplicaHealth, now: float) -> ReplicaHealth:
+        """``result``, with a lag bound while the replica applies everything it received
+        but receives nothing (its source is down or unreachable): the lag it had when last
+        seen fit, plus the time since. Its data is no staler than that."""
+        if result.lag is not None:
+            if result.fit(self.max_lag):
+                self._fit_at[host] = (now, result.lag)
+            return result
+        seen = self._fit_at.get(host)
+        if seen is None or not (result.reachable and result.read_only and result.applying):
+            return result
+        at, lag = seen
+        return dataclasses.replace(result, lag=lag + (now - at))
 
     async def _check(self, host: HostAddress) -> ReplicaHealth:
         options = self._state.options

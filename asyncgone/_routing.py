@@ -20,6 +20,7 @@ from ._config import seconds
 from ._engine import create_engine
 from ._errors import ConfigurationError, DatabaseUnavailable
 from ._hosts import hosts_of
+from ._keepalive import Keepalive
 from ._replicas import ReplicaHealth, ReplicaMonitor
 from ._session import SessionScope
 from ._state import state_of
@@ -74,8 +75,11 @@ class Routing:
         self.tracker = GtidTracker(timeout=self.causal_timeout + 5.0)
         self.engine: AsyncEngine | None = None
         self.monitor: ReplicaMonitor | None = None
+        self.keepalive: Keepalive | None = None
 
-    async def start(self, engine_options: dict[str, Any], primary: AsyncEngine) -> None:
+    async def start(
+        self, engine_options: dict[str, Any], primary: AsyncEngine, *, keepalive: bool
+    ) -> None:
         """Create the replica engine and check every replica once (a replica that is down
         is avoided, not fatal: the primary serves meanwhile)."""
         options = {**engine_options, "target_role": "replica"}
@@ -88,6 +92,8 @@ class Routing:
             self.engine, state, max_lag=self.max_lag, interval=self.interval
         )
         await self.monitor.start()
+        if keepalive:  # the replica pool's idle connections, as the primary's
+            self.keepalive = await Keepalive(self.engine).start()
         primary_state = state_of(primary)
         assert primary_state is not None
         dialect = primary.sync_engine.dialect
@@ -100,6 +106,9 @@ class Routing:
         """Stop the monitor and dispose the replica engine (bounded)."""
         monitor, self.monitor = self.monitor, None
         engine, self.engine = self.engine, None
+        keepalive, self.keepalive = self.keepalive, None
+        if keepalive is not None:
+            await keepalive.stop()
         if monitor is not None:
             await monitor.stop()
         if engine is not None:
