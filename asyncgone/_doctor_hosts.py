@@ -106,11 +106,12 @@ def host_lines(hosts: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {entry['host']:<22}unreachable ({entry.get('error')})")
         else:
             lag = entry["lag_s"]
-            shown = "?" if lag is None else f"{lag:g} s"
             gtid = entry["gtid_position"] or "-"
-            lines.append(
-                f"  {entry['host']:<22}{entry['role']}, replication {entry['replication']}, "
-                f"lag {shown}, GTID {gtid}"
-            )
+            if entry["replication"] == "no replication configured":
+                state = "not replicating from anyone"
+            else:
+                shown = "unknown" if lag is None else f"{lag:g} s"
+                state = f"replication {entry['replication']}, lag {shown}"
+            lines.append(f"  {entry['host']:<22}{entry['role']}, {state}, GTID {gtid}")
         lines.append(f"  {'':<22}asyncgone: {entry['asyncgone']}")
     return lines
