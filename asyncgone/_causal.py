@@ -4,8 +4,9 @@ apply that commit, or goes to the primary.
 After each COMMIT on the primary engine of a ``Database`` with replicas, asyncgone reads
 the transaction's GTID on the same connection, before it returns to the pool (MariaDB:
 ``@@last_gtid``, the GTID of this session's last commit; MySQL: ``@@global.gtid_executed``,
-a superset). Neither driver parses the session-state part of the COMMIT's OK packet, so
-this costs one small query after a commit, and none otherwise. The GTID is kept in a
+a superset). Neither driver asks for session-state tracking (``CLIENT_SESSION_TRACK``),
+so the server never puts the GTID in the COMMIT's OK packet: this costs one small query
+after a commit, and none otherwise. The GTID is kept in a
 context variable: the task (request) that committed, and the tasks it starts afterwards,
 see it; others do not.
 
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from ._drivers import drop_read_result
 from ._session import SessionScope
 from ._statements import fetch_row
 from ._waits import bounded
@@ -78,6 +80,7 @@ class GtidTracker:
             log.debug("could not read the GTID of a commit: %s", exc)
             self._var.set(PRIMARY)
             return
+        drop_read_result(dbapi_connection.driver_connection)
         gtid = str(row[0]) if row and row[0] else ""
         if gtid:
             self._var.set(gtid)

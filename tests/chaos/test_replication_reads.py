@@ -170,3 +170,29 @@ async def test_a_read_after_a_write_sees_it_while_a_replica_lags(
                     tg.start_soon(trial, db, n)
     assert seen == 100
     assert topology.replicas[1].port in served  # replicas did serve reads after writes
+
+
+def com(server: object, name: str) -> int:
+    rows = server.query(f"SHOW GLOBAL STATUS LIKE '{name}'")  # type: ignore[attr-defined]
+    return int(rows[0]["Value"])
+
+
+async def test_learning_a_commits_gtid_costs_one_select_and_no_rollback(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """With replicas, each commit of a read-write unit adds one SELECT (@@last_gtid) on its
+    connection and no ROLLBACK on the connection's return."""
+    topology = asyncgone_replication
+    topology.primary.query("CREATE TABLE test.costs (id INT PRIMARY KEY)")
+
+    async def write(session: AsyncSession, n: int) -> None:
+        await session.execute(text("INSERT INTO costs VALUES (:n)"), {"n": n})
+
+    async with database(topology, driver, keepalive=False) as db:
+        await db.run(lambda s: write(s, 0))  # the pool's connection is open
+        before = {name: com(topology.primary, name) for name in ("Com_rollback", "Com_select")}
+        for n in range(1, 11):
+            await db.run(lambda s, n=n: write(s, n))
+        after = {name: com(topology.primary, name) for name in ("Com_rollback", "Com_select")}
+    assert after["Com_rollback"] - before["Com_rollback"] == 0
+    assert after["Com_select"] - before["Com_select"] == 10  # the GTID reads
