@@ -83,3 +83,28 @@ def test_roles() -> None:
     assert not role_fits("replica", False)
     assert role_fits("any", True)
     assert role_fits("any", False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_replica_lag": -1}, "max_replica_lag must be a finite number"),
+        ({"replica_check_interval": 0}, "replica_check_interval must be"),
+        ({"replica_fallback": "primay"}, "replica_fallback must be 'primary' or 'raise'"),
+        ({"causal_reads_timeout": "1s"}, "causal_reads_timeout must be a number"),
+        ({"max_replica_lagg": 5}, "did you mean 'max_replica_lag'"),
+    ],
+)
+def test_replica_options_are_checked_when_the_database_is_made(
+    options: dict[str, object], message: str
+) -> None:
+    """A bad replica option raises ConfigurationError from Database(), before any connect."""
+    with pytest.raises(asyncgone.ConfigurationError, match=message):
+        asyncgone.Database(URL, replicas="mysql+asyncmy://app:s3cret@/app?host=r1", **options)
+
+
+def test_a_replica_url_with_a_sync_driver_is_refused_without_the_password() -> None:
+    """replicas= goes through the same URL checks as the primary's."""
+    with pytest.raises(asyncgone.ConfigurationError, match="synchronous driver") as info:
+        asyncgone.Database(URL, replicas="mysql+pymysql://app:s3cret@r1/app")
+    assert "s3cret" not in str(info.value)
