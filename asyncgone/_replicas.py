@@ -38,6 +38,7 @@ __all__ = ["ReplicaHealth", "ReplicaMonitor"]
 log = logging.getLogger("asyncgone")
 
 _STATE_SQL = "SELECT @@read_only, @@gtid_slave_pos, @@gtid_current_pos"
+_MYSQL_SQL = "SELECT @@read_only, @@global.gtid_executed, ''"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,27 +77,46 @@ class ReplicaHealth:
         return ""
 
 
+def _field(status: dict[str, Any], mariadb: str, mysql: str) -> Any:
+    """A ``SHOW SLAVE STATUS`` field by MariaDB's name, or by MySQL 8's newer one."""
+    return status.get(mariadb, status.get(mysql))
+
+
 async def check_host(conn: Any, host: HostAddress, timeout: float) -> ReplicaHealth:
-    """Read one replica's replication state on ``conn``, within ``timeout`` seconds."""
+    """Read one replica's replication state on ``conn``, within ``timeout`` seconds.
+
+    MariaDB: ``SHOW SLAVE STATUS`` and ``@@gtid_slave_pos``; MySQL (no "MariaDB" in the
+    server version): ``SHOW REPLICA STATUS`` (8.0.22 and later) and ``@@gtid_executed``,
+    its ``Replica_*``/``*_Source`` field names read as well. (MySQL is not tested here.)
+    """
+    mariadb = "mariadb" in str(conn.get_server_info()).lower()
 
     async def read() -> ReplicaHealth:
-        status = await _statements.fetch_dict(conn, "SHOW SLAVE STATUS")
-        row = await _statements.fetch_row(conn, _STATE_SQL)
+        show, state = (
+            ("SHOW SLAVE STATUS", _STATE_SQL) if mariadb else ("SHOW REPLICA STATUS", _MYSQL_SQL)
+        )
+        status = await _statements.fetch_dict(conn, show)
+        row = await _statements.fetch_row(conn, state)
         assert row is not None
-        threads = ("Slave_IO_Running", "Slave_SQL_Running")
-        running = status is not None and all(status.get(k) == "Yes" for k in threads)
+        if status is None:
+            io = sql = None
+            behind = None
+        else:
+            io = _field(status, "Slave_IO_Running", "Replica_IO_Running")
+            sql = _field(status, "Slave_SQL_Running", "Replica_SQL_Running")
+            behind = _field(status, "Seconds_Behind_Master", "Seconds_Behind_Source")
+        running = io == "Yes" and sql == "Yes"
         stopped = (
             "no replication configured"
             if status is None
-            else ", ".join(f"{k}={status.get(k)}" for k in threads)
+            else f"Slave_IO_Running={io}, Slave_SQL_Running={sql}"
         )
-        behind = None if status is None else status.get("Seconds_Behind_Master")
         return ReplicaHealth(
             host=str(host),
             reachable=True,
             read_only=bool(int(row[0])),
             replicating=running,
-            applying=status is not None and status.get("Slave_SQL_Running") == "Yes",
+            applying=sql == "Yes",
             lag=None if behind is None or not running else float(behind),
             gtid_position=str(row[1] or row[2] or ""),
             error=None if running else stopped,
