@@ -39,6 +39,7 @@ __all__ = ["HostSearch"]
 log = logging.getLogger("asyncgone")
 
 _CANNOT_CONNECT = 2003  # CR_CONN_HOST_ERROR: what any failure to connect reports
+_LOST = 2013  # CR_SERVER_LOST
 
 
 class HostSearch:
@@ -155,8 +156,13 @@ class HostSearch:
         conn = await connect(*args, **{**kwargs, "host": host.host, "port": host.port})
         try:
             facts = await read_facts(conn, self._ping_timeout)
-        except BaseException:
+        except BaseException as exc:
             await close(conn, self._ping_timeout)
+            if isinstance(exc, (TimeoutError, OSError)):
+                # A timeout or a transport error: the connection is lost (as in _connect).
+                raise self._error(
+                    _LOST, f"Lost connection while reading the server's role: {describe(exc)}"
+                ) from exc
             raise
         return conn, facts
 
