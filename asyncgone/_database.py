@@ -310,8 +310,10 @@ class Database:
             deadline (float | None): seconds to keep trying; default the Database's (15).
             retry_codes (Collection[int] | None): MySQL error numbers safe to replay;
                 default the Database's (``DEFAULT_RETRY_CODES``).
-            read_only (bool): run on a fit replica (see ``session()``); each attempt
-                chooses again, so a replay after a replica died goes to another one.
+            read_only (bool): ``work`` only reads: run it on a fit replica (see
+                ``session()``); each attempt chooses again, so a replay after a replica
+                died goes to another one, and a COMMIT lost in flight is replayed (it
+                committed nothing).
 
         Returns:
             T: what ``work`` returned, once committed.
@@ -323,9 +325,8 @@ class Database:
         """
         options = self._run_options.override(attempts, deadline, retry_codes)
         counters = self._engine_state().counters
-        return await run_unit(
-            partial(self.session, read_only=read_only), work, options, counters, mask(self.url)
-        )
+        scope = partial(self.session, read_only=read_only)
+        return await run_unit(scope, work, options, counters, mask(self.url), read_only=read_only)
 
     # -- observability -----------------------------------------------------------------------
 
