@@ -79,3 +79,24 @@ async def test_the_whole_search_is_bounded_and_says_what_it_did_not_try(
         )
     finally:
         await engine.dispose()
+
+
+async def test_access_denied_is_raised_at_once_not_searched_past(
+    shared: Server, driver: str
+) -> None:
+    """A wrong password fails the same on every host: the driver's "Access denied" is
+    raised from the first host, not turned into "no host fits"."""
+    with FaultProxy(shared.host, shared.port) as proxy:
+        url = (
+            f"mysql+{driver}://nobody:wrong@/test"
+            f"?host={shared.host}:{shared.port}&host={proxy.host}:{proxy.port}"
+        )
+        engine = asyncgone.create_engine(url, target_role="any")
+        try:
+            with pytest.raises(sa_exc.OperationalError, match="Access denied") as info:
+                async with engine.connect():
+                    pass
+            assert "no host" not in str(info.value)
+            assert proxy.accepted == 0
+        finally:
+            await engine.dispose()
