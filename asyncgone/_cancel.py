@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
@@ -52,22 +52,30 @@ class StatementKiller:
         if ctx.connection is None or ctx.connection.invalidated or self._connect.params is None:
             return
         try:
-            thread = _drivers.thread_id(ctx.connection.connection.driver_connection)
+            raw = ctx.connection.connection.driver_connection
+            thread = _drivers.thread_id(raw)
         except Exception:  # the connection is already gone: nothing is running on it
             return
-        self.stop(thread)
+        self.stop(thread, raw)
 
-    def stop(self, thread: int | None) -> None:
-        """Send ``KILL QUERY`` for the server connection ``thread``, in the background."""
-        if thread is None or self._connect.params is None:
+    def stop(self, thread: int | None, raw: Any = None) -> None:
+        """Send ``KILL QUERY`` for the server connection ``thread`` (of the driver connection
+        ``raw``), in the background, to the server that connection goes to."""
+        params = self._connect.params
+        if thread is None or params is None:
             return
-        task = asyncio.get_running_loop().create_task(self._kill(thread))
+        search = self._state.search
+        if search is not None:
+            # A thread id means nothing on another server: KILL only where it runs.
+            host = search.host_of(raw)
+            if host is None:
+                return
+            params = {**params, "host": host.host, "port": host.port}
+        task = asyncio.get_running_loop().create_task(self._kill(thread, params))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _kill(self, thread: int) -> None:
-        params = self._connect.params
-        assert params is not None
+    async def _kill(self, thread: int, params: dict[str, Any]) -> None:
         state = self._state
         timeout = state.options.ping_timeout
         try:

@@ -241,6 +241,12 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
                 f"    {s['id']:>8}  idle {s['idle_s']:>6} s  {s['user']}@{s['host']} {s['db']}",
                 file=out,
             )
+    if report.hosts:
+        from ._doctor_hosts import host_lines
+
+        print("hosts:", file=out)
+        for line in host_lines(report.hosts):
+            print(line, file=out)
     derived = report.derived
     print("asyncgone will use:", file=out)
     show("idle limit", f"{derived['idle_limit_s']:g} s (recycle='auto')")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import URL
 
 from ._errors import ConfigurationError
+from ._hosts import TargetRole, check_target_role
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -144,6 +145,13 @@ class EngineOptions:
     - ``leak_threshold``: seconds a connection may stay checked out before asyncgone logs a
       warning with the stack that acquired it (``None``, the default, turns this off: it
       costs a stack capture per checkout).
+    - ``target_role``: the role a new connection's server must have: ``"primary"``
+      (writable: ``@@read_only`` and ``@@innodb_read_only`` off), ``"replica"`` (read-only)
+      or ``"any"``; ``None`` (the default) means ``"primary"`` for a URL with several
+      ``host=`` parameters and ``"any"`` for one server (whose role is then not checked).
+    - ``host_search_timeout``: seconds the search for a fitting host may take in all, for a
+      multi-host URL or a ``target_role``; ``None`` (the default) gives every host one full
+      attempt (``connect_timeout`` plus ``ping_timeout`` each).
     """
 
     recycle: float | Literal["auto"] | None = DEFAULT_RECYCLE
@@ -157,6 +165,8 @@ class EngineOptions:
     network_idle_limit: float = DEFAULT_NETWORK_IDLE_LIMIT
     min_idle: int = 0
     leak_threshold: float | None = None
+    target_role: TargetRole | None = None
+    host_search_timeout: float | None = None
 
     def __post_init__(self) -> None:
         recycle: object = self.recycle
@@ -184,6 +194,10 @@ class EngineOptions:
         if self.leak_threshold is not None:
             _seconds("leak_threshold", self.leak_threshold)
         check_flag("kill_on_cancel", self.kill_on_cancel)
+        if self.target_role is not None:
+            check_target_role(self.target_role)
+        if self.host_search_timeout is not None:
+            _seconds("host_search_timeout", self.host_search_timeout)
         if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
             raise ConfigurationError(
                 f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "

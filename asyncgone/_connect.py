@@ -45,6 +45,9 @@ class ConnectSetup:
         self._dbapi = dbapi
         self._read_facts = True
         self._connector = connector_for(state.driver, state.connect_timeout)
+        if state.search is not None and self._connector is not None:
+            # Several hosts, or a role to check: each connection searches for its server.
+            self._connector = state.search.wrap(self._connector)
         self._loops: LoopWatch | None = None
         self.params: dict[str, Any] | None = None
 
@@ -79,13 +82,19 @@ class ConnectSetup:
         recycle = options.recycle
         idle_limit = math.inf if recycle is None or recycle == "auto" else float(recycle)
         server_limit = math.inf
-        # With none of its uses wanted, the connect costs no extra round trip.
-        if self._read_facts and (
-            recycle is not None
-            or state.pool_recycle is not None
-            or options.keepalive_interval == "auto"
+        # The host search read them already; with none of their uses wanted, the connect
+        # costs no extra round trip.
+        facts = None if state.search is None else state.search.facts_of(conn)
+        if facts is None and (
+            self._read_facts
+            and (
+                recycle is not None
+                or state.pool_recycle is not None
+                or options.keepalive_interval == "auto"
+            )
         ):
             facts = self._facts(dbapi_connection)
+        if facts is not None and self._read_facts:
             server_limit = auto_idle_limit(facts.wait_timeout)
             if recycle == "auto":
                 idle_limit = server_limit

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -22,6 +23,12 @@ from ._config import RunOptions, check_flag, seconds, split_options
 from ._engine import create_engine
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
+from ._routing import (
+    DEFAULT_CAUSAL_READS_TIMEOUT,
+    DEFAULT_MAX_REPLICA_LAG,
+    DEFAULT_REPLICA_CHECK_INTERVAL,
+    Routing,
+)
 from ._run import run_unit
 from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
 from ._state import EngineState, holder_of, state_of, stats
@@ -60,6 +67,11 @@ _OWN_KEYWORDS = (
     "retry_codes",
     "cleanup_timeout",
     "keepalive",
+    "replicas",
+    "max_replica_lag",
+    "replica_check_interval",
+    "replica_fallback",
+    "causal_reads_timeout",
 )
 
 
@@ -96,6 +108,18 @@ class Database:
             disposal, may take (``DEFAULT_CLEANUP_TIMEOUT``, 5).
         keepalive (bool): run the keepalive task (see ``keepalive()``) while started
             (default True).
+        replicas (str | URL | None): the replicas for ``read_only`` work, one URL (several
+            servers as repeated ``host=`` parameters); their connections go to read-only
+            servers only. ``None`` (the default): everything goes to ``url``.
+        max_replica_lag (float): seconds a replica may lag (``Seconds_Behind_Master``) and
+            still take ``read_only`` work (``DEFAULT_MAX_REPLICA_LAG``, 5).
+        replica_check_interval (float): seconds between two background checks of every
+            replica's health and lag (``DEFAULT_REPLICA_CHECK_INTERVAL``, 1).
+        replica_fallback (str): with no fit replica, ``"primary"`` (the default) serves
+            ``read_only`` work from ``url``; ``"raise"`` raises ``DatabaseUnavailable``.
+        causal_reads_timeout (float): seconds a ``read_only`` session after a commit in the
+            same context waits for its replica to apply it before the primary serves it
+            (``DEFAULT_CAUSAL_READS_TIMEOUT``, 1).
         **engine_options: asyncgone's options and every ``create_async_engine`` keyword.
 
     Raises:
@@ -113,9 +137,22 @@ class Database:
         retry_codes: Collection[int] = DEFAULT_RETRY_CODES,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
         keepalive: bool = True,
+        replicas: str | URL | None = None,
+        max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
+        replica_check_interval: float = DEFAULT_REPLICA_CHECK_INTERVAL,
+        replica_fallback: str = "primary",
+        causal_reads_timeout: float = DEFAULT_CAUSAL_READS_TIMEOUT,
         **engine_options: Any,
     ) -> None:
         self.url = resolve_url(url)  # validated now, like every option below
+        routing = {"max_lag": max_replica_lag, "interval": replica_check_interval}
+        self._routing = (
+            None
+            if replicas is None
+            else Routing(
+                replicas, **routing, fallback=replica_fallback, causal_timeout=causal_reads_timeout
+            )
+        )
         self._options, _ = split_options(engine_options, also=_OWN_KEYWORDS)
         self._run_options = RunOptions(
             attempts=attempts,
@@ -175,6 +212,14 @@ class Database:
             raise
         if self._keepalive_on:
             self._keepalive = await Keepalive(self._engine).start()
+        if self._routing is not None:
+            try:
+                await self._routing.start(
+                    self._engine_options, self._engine, keepalive=self._keepalive_on
+                )
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     async def close(self) -> None:
@@ -195,6 +240,8 @@ class Database:
     async def _shut_down(self, keepalive: Keepalive | None, engine: AsyncEngine | None) -> None:
         if keepalive is not None:
             await keepalive.stop()
+        if self._routing is not None:
+            await self._routing.close(self._cleanup_timeout)
         if engine is not None:
             await drain_and_dispose(engine, self._cleanup_timeout)
 
@@ -211,14 +258,22 @@ class Database:
 
     # -- sessions and units of work ----------------------------------------------------------
 
-    def session(self, **session_options: Any) -> SessionScope:
+    def session(self, *, read_only: bool = False, **session_options: Any) -> SessionScope:
         """Open a session with ``managed_session()`` semantics: commit on success, rollback
-        and re-raise on error, cleanup bounded and cancellation-safe."""
-        return SessionScope(
-            self.engine,
-            {**self._session_options, **session_options},
-            cleanup_timeout=self._cleanup_timeout,
-        )
+        and re-raise on error, cleanup bounded and cancellation-safe.
+
+        With ``read_only=True`` and ``replicas`` given, the session goes to a replica the
+        background check found fit (reachable, replicating, lagging at most
+        ``max_replica_lag``), else to the primary (or raises ``DatabaseUnavailable`` with
+        ``replica_fallback="raise"``); the choice costs no round trip. After a commit in
+        the same context (task, request), it reads its own writes: its replica first waits
+        (``MASTER_GTID_WAIT``, at most ``causal_reads_timeout``) for that commit, else the
+        primary serves it.
+        """
+        options = {**self._session_options, **session_options}
+        if read_only and self._routing is not None:
+            return self._routing.scope(self.engine, options, self._cleanup_timeout)
+        return SessionScope(self.engine, options, cleanup_timeout=self._cleanup_timeout)
 
     async def run(
         self,
@@ -227,6 +282,7 @@ class Database:
         attempts: int | None = None,
         deadline: float | None = None,
         retry_codes: Collection[int] | None = None,
+        read_only: bool = False,
     ) -> _T:
         """Run ``work(session)`` in a fresh session and commit; replay it only when safe.
 
@@ -254,6 +310,10 @@ class Database:
             deadline (float | None): seconds to keep trying; default the Database's (15).
             retry_codes (Collection[int] | None): MySQL error numbers safe to replay;
                 default the Database's (``DEFAULT_RETRY_CODES``).
+            read_only (bool): ``work`` only reads: run it on a fit replica (see
+                ``session()``); each attempt chooses again, so a replay after a replica
+                died goes to another one, and a COMMIT lost in flight is replayed (it
+                committed nothing).
 
         Returns:
             T: what ``work`` returned, once committed.
@@ -265,7 +325,8 @@ class Database:
         """
         options = self._run_options.override(attempts, deadline, retry_codes)
         counters = self._engine_state().counters
-        return await run_unit(self.session, work, options, counters, mask(self.url))
+        scope = partial(self.session, read_only=read_only)
+        return await run_unit(scope, work, options, counters, mask(self.url), read_only=read_only)
 
     # -- observability -----------------------------------------------------------------------
 

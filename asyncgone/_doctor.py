@@ -15,9 +15,11 @@ from sqlalchemy.pool import NullPool
 
 from . import _drivers, _statements
 from ._config import DEFAULT_MAX_LIFETIME, DEFAULT_NETWORK_IDLE_LIMIT, DEFAULT_PING_AFTER
+from ._doctor_hosts import examine_hosts
 from ._engine import create_engine
 from ._server import auto_idle_limit
-from ._url import mask
+from ._state import state_of
+from ._url import mask, resolve_url
 from ._waits import bounded
 
 __all__ = ["Report", "asks_for_tls", "examine", "tls_summary"]
@@ -64,6 +66,7 @@ class Report:
     sleeping: list[dict[str, Any]]
     derived: dict[str, float]
     advice: list[str]
+    hosts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,7 +75,12 @@ class Report:
 async def examine(url: str | URL, timeout: float) -> Report:
     """Connect once, read the server's limits and the connection's encryption, time a few
     pings, and advise."""
-    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout)
+    parsed = resolve_url(url)
+    several = "host" in parsed.query
+    # A multi-host URL: the first host that answers is examined, whatever its role.
+    roles = {"target_role": "any"} if several else {}
+    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout, **roles)
+    state = state_of(engine)
     try:
         async with engine.connect() as conn:
             row = (
@@ -116,6 +124,7 @@ async def examine(url: str | URL, timeout: float) -> Report:
                 {"id": r.ID, "user": r.USER, "host": r.HOST, "db": r.DB, "idle_s": int(r.TIME)}
                 for r in sleepers
             ]
+        hosts = await examine_hosts(state, timeout) if several and state else []
     finally:
         await engine.dispose()
     wait_timeout = float(server["wait_timeout_session"])
@@ -140,6 +149,7 @@ async def examine(url: str | URL, timeout: float) -> Report:
             *_advise_tls(tls, network, asked=asks_for_tls(url)),
             *_advise(server, derived, round_trip, threads_connected, sleeping),
         ],
+        hosts=hosts,
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "DriverSupport",
     "abort_connection",
     "connect_error",
+    "drop_read_result",
     "is_tcp",
     "new_connection",
     "support_for",
@@ -336,6 +337,16 @@ def thread_id(conn: Any) -> int | None:
     """Return the server's id for this connection (``CONNECTION_ID()``), or None."""
     ids = getattr(conn, "server_thread_id", None)
     return ids[0] if ids else None
+
+
+def drop_read_result(conn: Any) -> None:
+    """Forget the driver's last result once it was read to its end (``_result``), as the
+    driver itself does when it sends its next command: after asyncgone's own query that
+    ends a transaction's work (the GTID read after COMMIT), the return to the pool then
+    needs no ``ROLLBACK`` (see ``DriverSupport.transaction_ended``)."""
+    result = getattr(conn, "_result", None)
+    if result is not None and not getattr(result, "unbuffered_active", True):
+        conn._result = None
 
 
 def is_tcp(sock: Any) -> bool:

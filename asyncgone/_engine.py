@@ -18,12 +18,15 @@ from ._cancel import StatementKiller
 from ._checkout import CheckoutCheck
 from ._closing import guard_closing
 from ._compat import default_pool_class
-from ._config import given_connect_timeout, split_options
+from ._config import EngineOptions, given_connect_timeout, split_options
 from ._connect import ConnectSetup
-from ._drivers import support_for
+from ._drivers import DriverSupport, connect_error, support_for
+from ._errors import ConfigurationError
+from ._hosts import DEFAULT_PORT, HostAddress, hosts_of, without_hosts
 from ._invalidation import ErrorHandling
 from ._leaks import LeakDetection
 from ._reset import install_reset, pool_reset, reset_mode
+from ._search import HostSearch
 from ._state import EngineState, attach
 from ._url import resolve_url
 
@@ -46,11 +49,19 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         url (str | sqlalchemy.engine.URL | None): ``mysql+asyncmy://`` or
             ``mysql+aiomysql://`` (``mariadb+`` also works; any other installed async MySQL
             dialect is accepted with reduced checks); a bare ``mysql://`` picks an
-            installed driver; ``None`` reads ``$DATABASE_URL``.
+            installed driver; ``None`` reads ``$DATABASE_URL``. Several servers are
+            named with repeated ``host`` parameters and no host before the path
+            (``mysql+asyncmy://app:pw@/app?host=db1:3306&host=db2:3306``): each new
+            connection then goes to the first host, in the search order, whose role
+            (read from ``@@read_only`` and ``@@innodb_read_only`` by the query asyncgone
+            runs on each new connection anyway) fits ``target_role``. When none fits within
+            ``host_search_timeout``, connecting fails with the driver's error 2003 naming
+            every host tried and its role.
         **kwargs: asyncgone's options (``recycle``, ``max_lifetime``, ``ping_after``,
             ``ping_timeout``, ``connect_timeout``, ``tcp_keepalive``, ``kill_on_cancel``,
             ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
-            ``leak_threshold``: see ``EngineOptions``) and anything
+            ``leak_threshold``, ``target_role``, ``host_search_timeout``: see
+            ``EngineOptions``) and anything
             ``create_async_engine`` takes. ``pool_pre_ping=True`` means ``ping_after=0``
             (a bounded ping at each checkout of a reused connection, after the socket
             check); ``pool_reset_on_return`` keeps its meaning.
@@ -65,6 +76,9 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     """
     options, sa_kwargs = split_options(kwargs)
     resolved = resolve_url(url)
+    hosts = hosts_of(resolved)
+    if hosts:
+        resolved = without_hosts(resolved, hosts[0])
     connect_args = dict(sa_kwargs.pop("connect_args", None) or {})
     connect_timeout = given_connect_timeout(resolved, connect_args)
     if connect_timeout is None:
@@ -90,6 +104,10 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         driver=driver,
         pool_recycle=sa_kwargs.get("pool_recycle"),
     )
+    state.search = _host_search(resolved, hosts, options, driver, connect_timeout)
+    if state.search is not None:
+        # For connections outside the pool to each host (the replica monitor, doctor).
+        state.search.params = {**dialect.create_connect_args(resolved)[1], **connect_args}
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)
@@ -104,3 +122,32 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         LeakDetection(state, options.leak_threshold).install(sync)
     attach(sync, state)
     return engine
+
+
+def _host_search(
+    url: URL,
+    hosts: tuple[HostAddress, ...],
+    options: EngineOptions,
+    driver: DriverSupport,
+    connect_timeout: float,
+) -> HostSearch | None:
+    """The host search for a multi-host URL or an explicit ``target_role`` (else None)."""
+    target = options.target_role or ("primary" if len(hosts) > 1 else "any")
+    if not hosts and target == "any":
+        return None
+    if not driver.known:
+        raise ConfigurationError(
+            f"several hosts or a target_role need the aiomysql or asyncmy driver, not "
+            f"{url.drivername!r}"
+        )
+    candidates = hosts or (HostAddress(url.host or "localhost", url.port or DEFAULT_PORT),)
+    deadline = options.host_search_timeout or len(candidates) * (
+        connect_timeout + options.ping_timeout
+    )
+    return HostSearch(
+        candidates,
+        target,
+        ping_timeout=options.ping_timeout,
+        deadline=deadline,
+        error=connect_error(driver.name),
+    )

@@ -39,6 +39,7 @@ __all__ = [
     "error_code",
     "is_aftermath",
     "is_disconnect",
+    "is_read_only_refusal",
     "is_unavailable",
 ]
 
@@ -94,7 +95,8 @@ _CONNECTION_CODES = frozenset({1153, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
 # read-only in a failover (1836; 1290 only with a read-only message, as 1290 also reports
 # --secure-file-priv and similar options). A restart without either code shows up as
 # several connections dying together, which the connection policy escalates as well.
-_SERVER_CODES = frozenset({1053, 1836})
+_READ_ONLY_MODE = 1836
+_SERVER_CODES = frozenset({1053, _READ_ONLY_MODE})
 _READ_ONLY_OPTION = 1290
 
 # Driver messages for a connection that is closed or desynchronised. The first five are
@@ -216,6 +218,21 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, (DatabaseUnavailable, OSError, TimeoutError)):
         return True
     return error_code(exc) in _UNAVAILABLE_CODES or is_disconnect(exc)
+
+
+def is_read_only_refusal(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is the server's answer that it is read-only (1836, or 1290 for
+    ``--read-only``): a server that turned read-only under a failover or switchover.
+
+    The server answered: a COMMIT refused this way did not commit (the transaction is rolled
+    back), so its outcome is known and the unit of work is safe to replay elsewhere.
+    """
+    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    code = error_code(inner)
+    if code == _READ_ONLY_OPTION:
+        text = str(inner).lower()
+        return "read-only" in text or "read_only" in text
+    return code == _READ_ONLY_MODE
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -95,9 +95,13 @@ def _ended(holder: ConnectionHolder) -> None:
 def _noting_commit(commit: Callable[[Any], None], state: EngineState) -> Callable[[Any], None]:
     def do_commit(dbapi_connection: Any) -> None:
         holder = holder_of_checkout(dbapi_connection)
-        if holder is not None and returning_to_pool(dbapi_connection):
+        returning = holder is not None and returning_to_pool(dbapi_connection)
+        if returning:
             state.counters.resets += 1  # pool_reset_on_return="commit"
         commit(dbapi_connection)  # a failure leaves the previous note, older than any cursor
+        hook = state.after_commit
+        if hook is not None and not returning:
+            hook(dbapi_connection)  # before the note: its query is part of this transaction's
         if holder is not None:
             _ended(holder)
 

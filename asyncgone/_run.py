@@ -27,6 +27,7 @@ from ._errors import (
     describe,
     error_code,
     is_disconnect,
+    is_read_only_refusal,
     is_unavailable,
 )
 from ._session import SessionScope, commits
@@ -54,8 +55,11 @@ async def run_unit(
     options: RunOptions,
     counters: Counters,
     target: str,
+    *,
+    read_only: bool = False,
 ) -> _T:
-    """Run ``work`` as ``Database.run()`` documents; ``target`` is the masked URL."""
+    """Run ``work`` as ``Database.run()`` documents; ``target`` is the masked URL;
+    ``read_only``: the work only reads, so a COMMIT lost in flight is replayed too."""
     give_up_at = time.monotonic() + options.deadline
     failures = waits = 0
     while True:
@@ -69,10 +73,13 @@ async def run_unit(
                     return await work(session)
                 finally:
                     work_commits = commits(session)  # before the scope's own COMMIT
-        except CommitOutcomeUnknown:
-            counters.commit_outcome_unknown += 1
-            raise
         except Exception as exc:
+            # Work that only reads (read_only) committed nothing, whatever became of its
+            # COMMIT: replayed like a disconnect. Any other work's is never replayed.
+            lost_commit = isinstance(exc, CommitOutcomeUnknown)
+            if lost_commit and not read_only:
+                counters.commit_outcome_unknown += 1
+                raise
             if work_commits != (0, 0):
                 # work committed (part of) itself: replaying would apply that part twice.
                 _unreplayable(exc, work_commits, counters, target)
@@ -90,7 +97,9 @@ async def run_unit(
                 delay = backoff(min(waits, 5))
             else:
                 failures += 1
-                retryable = is_disconnect(exc) or error_code(exc) in options.retry_codes
+                retryable = (
+                    lost_commit or is_disconnect(exc) or error_code(exc) in options.retry_codes
+                )
                 if not retryable or failures >= options.attempts or now >= give_up_at:
                     raise
                 counters.replays += 1
@@ -109,7 +118,7 @@ def _unreplayable(
 ) -> NoReturn:
     """Raise for a unit of work that failed after committing inside ``work``."""
     begun, done = work_commits
-    if begun > done and is_disconnect(exc):
+    if begun > done and is_disconnect(exc) and not is_read_only_refusal(exc):
         counters.commit_outcome_unknown += 1
         raise CommitOutcomeUnknown(
             f"the connection to {target} was lost while a COMMIT issued by the unit of work "

@@ -1,5 +1,8 @@
 """Server facts as each connection gets them, and the idle limit derived from them.
 
+The same query tells whether the server is read-only, which the host search of a
+multi-host URL (``_search``) needs to pick a server by role.
+
 ``wait_timeout`` counts *idle* seconds on the server. A session's value comes from the
 global ``wait_timeout``, or from ``interactive_timeout`` when the client connected with
 CLIENT_INTERACTIVE, and an init command may change it, so asyncgone asks each new connection
@@ -16,7 +19,12 @@ from ._waits import bounded
 
 __all__ = ["FACTS_SQL", "ServerFacts", "auto_idle_limit", "read_facts", "recycle_warning"]
 
-FACTS_SQL = "SELECT @@session.wait_timeout, @@max_allowed_packet"
+# The role columns cost nothing more: the same one query, the same round trip. MySQL's
+# super_read_only turns read_only on with it; Aurora readers report innodb_read_only.
+FACTS_SQL = (
+    "SELECT @@session.wait_timeout, @@max_allowed_packet, @@global.read_only, "
+    "@@global.innodb_read_only"
+)
 
 # The idle limit stays this far below wait_timeout: 10 % of it, at least half a second (the
 # clocks of client and server start counting idleness at slightly different moments), at
@@ -28,10 +36,15 @@ _MARGIN_MAX = 60.0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerFacts:
-    """What the server told one connection about its limits."""
+    """What the server told one connection about its limits and its role.
+
+    ``read_only`` is true when ``@@read_only`` or ``@@innodb_read_only`` is on: the server
+    refuses the application's writes (a replica, or a primary being switched over).
+    """
 
     wait_timeout: float
     max_allowed_packet: int
+    read_only: bool = False
 
 
 async def read_facts(conn: Any, timeout: float) -> ServerFacts:
@@ -39,7 +52,11 @@ async def read_facts(conn: Any, timeout: float) -> ServerFacts:
     row = await bounded(fetch_row(conn, FACTS_SQL), timeout)
     if row is None:  # pragma: no cover - the server always answers a SELECT of variables
         raise RuntimeError(f"{FACTS_SQL!r} returned no row")
-    return ServerFacts(wait_timeout=float(row[0]), max_allowed_packet=int(row[1]))
+    return ServerFacts(
+        wait_timeout=float(row[0]),
+        max_allowed_packet=int(row[1]),
+        read_only=bool(int(row[2] or 0) or int(row[3] or 0)),
+    )
 
 
 def auto_idle_limit(wait_timeout: float) -> float:

@@ -31,7 +31,7 @@ from sqlalchemy.util import greenlet_spawn
 from ._compat import statement_running
 from ._config import seconds
 from ._drivers import thread_id
-from ._errors import CommitOutcomeUnknown, add_note, is_disconnect
+from ._errors import CommitOutcomeUnknown, add_note, is_disconnect, is_read_only_refusal
 from ._groups import register
 from ._reaper import ENDED, busy_elsewhere, reap
 from ._state import state_of
@@ -227,7 +227,7 @@ class SessionScope:
                 continue
             raw = conn.connection.driver_connection
             if statement_running(conn.connection.dbapi_connection) or state.driver.streaming(raw):
-                state.killer.stop(thread_id(raw))
+                state.killer.stop(thread_id(raw), raw)
 
     async def __aenter__(self) -> AsyncSession:
         return self.open()
@@ -249,8 +249,10 @@ class SessionScope:
         try:
             await session.commit()
         except Exception as exc:
-            if lost or not is_disconnect(exc):
-                raise  # the server rolled it back, or it answered with an error: known
+            if lost or not is_disconnect(exc) or is_read_only_refusal(exc):
+                # The server rolled it back, or answered with an error (a server turned
+                # read-only refuses the COMMIT: nothing committed): the outcome is known.
+                raise
             raise CommitOutcomeUnknown(
                 f"the connection to {mask(self.engine.url)} was lost while COMMIT was in "
                 f"flight: the transaction may or may not have been committed, and asyncgone "
@@ -300,7 +302,7 @@ async def _stop_streams(session: AsyncSession) -> None:
         if state is None or not state.driver.streaming(raw):
             continue
         if state.killer is not None:
-            state.killer.stop(thread_id(raw))
+            state.killer.stop(thread_id(raw), raw)
         await greenlet_spawn(conn.invalidate)
         log.debug("discarded a connection whose result was still being read")
 

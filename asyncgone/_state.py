@@ -32,6 +32,7 @@ from ._stats import Counters, Stats
 if TYPE_CHECKING:
     from ._cancel import StatementKiller
     from ._drivers import CursorCount, DriverSupport
+    from ._search import HostSearch
 
 __all__ = [
     "HOLDER_KEY",
@@ -197,6 +198,11 @@ class EngineState:
         self.driver = driver
         self.pool_recycle = pool_recycle
         self.killer: StatementKiller | None = None
+        # Where new connections go, for a multi-host URL or a target_role (_search).
+        self.search: HostSearch | None = None
+        # Called with the DBAPI connection right after each COMMIT (in SQLAlchemy's
+        # greenlet): read-your-writes reads the commit's GTID there (_causal).
+        self.after_commit: Callable[[Any], None] | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed

@@ -16,7 +16,7 @@ from typing import Any
 from ._drivers import abort_connection
 from ._waits import bounded
 
-__all__ = ["close", "execute", "fetch_row", "ping"]
+__all__ = ["close", "execute", "fetch_dict", "fetch_row", "ping"]
 
 
 async def _maybe_await(result: Any) -> Any:
@@ -41,6 +41,18 @@ async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
     finally:
         await _maybe_await(cursor.close())
     return None if row is None else tuple(row)
+
+
+async def fetch_dict(conn: Any, sql: str) -> dict[str, Any] | None:
+    """Run one query on the raw driver connection; return its first row by column name."""
+    cursor = await _cursor(conn)
+    try:
+        await cursor.execute(sql)
+        row = await _maybe_await(cursor.fetchone())
+        names = [column[0] for column in cursor.description or ()]
+    finally:
+        await _maybe_await(cursor.close())
+    return None if row is None else dict(zip(names, row, strict=False))
 
 
 async def execute(conn: Any, sql: str) -> None:

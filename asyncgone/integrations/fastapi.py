@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from asyncgone import Database
 
 from .starlette import (
+    SAFE_METHODS,
     DatabaseMiddleware,
     get_session,
     is_unavailable,
@@ -41,7 +42,9 @@ from .starlette import (
 )
 
 __all__ = [
+    "SAFE_METHODS",
     "DatabaseMiddleware",
+    "ReadSession",
     "Session",
     "get_session",
     "is_unavailable",
@@ -72,3 +75,7 @@ def session_dependency(
 #: ``session: Session`` in a path operation: a session of ``app.state.db``, committed when
 #: the operation returns (before the response), rolled back if it raises.
 Session = Annotated[AsyncSession, Depends(session_dependency(), scope="function")]
+
+#: ``session: ReadSession``: a ``read_only`` session of ``app.state.db``: on a fit replica
+#: of a ``Database(replicas=...)``, else the primary (see ``Database.session()``).
+ReadSession = Annotated[AsyncSession, Depends(session_dependency(read_only=True), scope="function")]

@@ -36,10 +36,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-from quart import Quart, current_app, g, jsonify
+from quart import Quart, current_app, g, jsonify, request
 from quart.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -89,6 +89,9 @@ class AsyncGone:
         cancel_on_disconnect: when the client hangs up before the response is complete,
             end the sessions still open in the tasks the request started (Quart itself
             cancels the request's own task either way).
+        read_only_methods: HTTP methods whose requests get a ``read_only`` session (on a
+            fit replica of a ``Database(replicas=...)``; default none, e.g.
+            ``{"GET", "HEAD", "OPTIONS"}``).
     """
 
     def __init__(
@@ -101,8 +104,10 @@ class AsyncGone:
         ),
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
         cancel_on_disconnect: bool = True,
+        read_only_methods: Collection[str] = (),
     ) -> None:
         self.db = db
+        self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
         self.on_unavailable = on_unavailable
         self.health_timeout = health_timeout
         self.cancel_on_disconnect = cancel_on_disconnect
@@ -143,7 +148,7 @@ class AsyncGone:
         """This request's session, opened on first use."""
         scope: SessionScope | None = g.get(_SCOPE)
         if scope is None:
-            scope = self.database.session()
+            scope = self.database.session(read_only=request.method in self.read_only_methods)
             setattr(g, _SCOPE, scope)
             return scope.open()
         opened = scope.session

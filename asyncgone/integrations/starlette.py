@@ -32,14 +32,19 @@ task group of its own). Per HTTP request it:
   a disconnect, a failure to connect: see ``asyncgone.is_unavailable``) and the error
   escaped the endpoint before its response started;
 - cancels the endpoint when the client disconnects mid-request, so its statement is stopped
-  (``KILL QUERY``) and its transaction rolled back, instead of running for nobody.
+  (``KILL QUERY``) and its transaction rolled back, instead of running for nobody;
+- with ``read_only_methods`` (e.g. ``SAFE_METHODS``), gives requests of those methods a
+  ``read_only`` session: on a fit replica of a ``Database(replicas=...)`` (see
+  ``Database.session()``). Read-your-writes holds within a request; across requests
+  (a POST, then the client's GET) it is the application's to arrange (see the Topologies
+  page).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,6 +56,7 @@ from starlette.responses import JSONResponse, Response
 from asyncgone import DEFAULT_HEALTH_TIMEOUT, Database, ScopeGroup, SessionScope, is_unavailable
 
 __all__ = [
+    "SAFE_METHODS",
     "DatabaseMiddleware",
     "RequestSession",
     "get_session",
@@ -67,6 +73,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_KEY = "asyncgone_session"
+
+#: HTTP methods that change nothing (RFC 9110): ``read_only_methods=SAFE_METHODS`` sends
+#: their requests' sessions to the replicas.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: Seconds a client is told to wait before retrying after a 503.
 RETRY_AFTER = 5
@@ -97,8 +107,9 @@ def unavailable_response(exc: BaseException) -> Response:
 class RequestSession:
     """One request's session: opened on first use, committed or rolled back once."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, read_only: bool = False) -> None:
         self._db = db
+        self._read_only = read_only
         self._scope: SessionScope | None = None
         self._finished = False
 
@@ -109,7 +120,7 @@ class RequestSession:
                 "`async with db.session()` for database work after that (e.g. while streaming)"
             )
         if self._scope is None:
-            self._scope = self._db.session()
+            self._scope = self._db.session(read_only=self._read_only)
             return self._scope.open()
         session = self._scope.session
         assert session is not None
@@ -161,6 +172,8 @@ class DatabaseMiddleware:
         on_unavailable: builds the response for an unavailable database (default
             ``unavailable_response``: 503 with ``Retry-After``).
         cancel_on_disconnect: cancel the endpoint when the client disconnects mid-request.
+        read_only_methods: HTTP methods whose requests get a ``read_only`` session (default
+            none; ``SAFE_METHODS`` is GET, HEAD and OPTIONS).
     """
 
     def __init__(
@@ -170,17 +183,21 @@ class DatabaseMiddleware:
         *,
         on_unavailable: Callable[[BaseException], Response] = unavailable_response,
         cancel_on_disconnect: bool = True,
+        read_only_methods: Collection[str] = (),
     ) -> None:
         self.app = app
         self.db = db
         self.on_unavailable = on_unavailable
         self.cancel_on_disconnect = cancel_on_disconnect
+        self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_session = RequestSession(self.db)
+        request_session = RequestSession(
+            self.db, read_only=scope.get("method") in self.read_only_methods
+        )
         scope.setdefault("state", {})[STATE_KEY] = request_session
         progress = _Progress()
 

@@ -137,7 +137,9 @@ class ReplicationTopology(Topology):
         """A multi-host URL (``mysql+DRIVER://app:app@/test?host=H:P&host=H:P``), primary first.
 
         ``make_url()`` parses the hosts into a tuple, ``url.query["host"]``; SQLAlchemy's
-        MySQL dialects cannot connect with it by themselves. ``role`` picks the servers:
+        MySQL dialects cannot connect with it by themselves; ``asyncgone.create_engine()``
+        can (each connection searches for a host of its ``target_role``). ``role`` picks
+        the servers:
         ``"all"``, ``"primary"`` or ``"replicas"``; ``user`` is ``"app"`` (password ``app``)
         or ``"root"`` (no password).
         """

@@ -59,7 +59,7 @@ def multi_host_url(
 
     ``sqlalchemy.engine.make_url()`` parses repeated ``host`` parameters into a tuple in
     ``url.query["host"]`` (one host stays a string); SQLAlchemy's MySQL dialects cannot
-    connect with such a URL by themselves.
+    connect with such a URL by themselves, ``asyncgone.create_engine()`` can.
     """
     auth = "root" if user == "root" else f"{APP_USER}:{APP_PASSWORD}"
     hosts = "&".join(f"host={where(s)}" for s in servers)

@@ -6,11 +6,14 @@ Runs on the disposable server: ``SET GLOBAL read_only`` must not touch the share
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
+import anyio.to_thread
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
 from tests._support import Server, warm
@@ -56,3 +59,42 @@ async def test_read_only_failover_invalidates_the_pool_once(
         assert asyncgone.stats(engine).pool_invalidations == 1
     finally:
         await engine.dispose()
+
+
+async def test_a_commit_refused_by_a_read_only_server_has_a_known_outcome(
+    disposable: Server, app_user: Server, driver: str
+) -> None:
+    """A server that turns read-only while a transaction is open answers its COMMIT with
+    1290: nothing was committed, so that error is raised as it is, not as
+    CommitOutcomeUnknown, and run() replays the unit of work once the server is writable."""
+    engine = asyncgone.create_engine(app_user.url(driver))
+    try:
+        with pytest.raises(sa_exc.OperationalError, match="1290"):
+            async with asyncgone.managed_session(engine) as session:
+                await session.execute(text("INSERT INTO ag_failover VALUES ()"))
+                await anyio.to_thread.run_sync(disposable.query, "SET GLOBAL read_only = 1")
+        disposable.query("SET GLOBAL read_only = 0")
+        assert disposable.query("SELECT COUNT(*) FROM test.ag_failover") == [(0,)]
+        assert asyncgone.stats(engine).commit_outcome_unknown == 0
+    finally:
+        disposable.query("SET GLOBAL read_only = 0")
+        await engine.dispose()
+
+    tries = 0
+
+    async def insert(session: AsyncSession) -> None:
+        nonlocal tries
+        tries += 1
+        await session.execute(text("INSERT INTO ag_failover VALUES ()"))
+        if tries == 1:  # read-only while this transaction is open; writable 0.3 s later
+            await anyio.to_thread.run_sync(disposable.query, "SET GLOBAL read_only = 1")
+            threading.Timer(0.3, disposable.query, ["SET GLOBAL read_only = 0"]).start()
+
+    # target_role="primary": until the server is writable again, new connections are
+    # refused by the host search and run() waits (bounded) instead of replaying in vain.
+    async with asyncgone.Database(app_user.url(driver), target_role="primary") as db:
+        await db.run(insert)
+        assert tries == 2
+        assert db.stats().commit_outcome_unknown == 0
+        assert db.stats().replays == 1
+    assert disposable.query("SELECT COUNT(*) FROM test.ag_failover") == [(1,)]

@@ -109,6 +109,26 @@ async def test_connection_lost_during_commit_is_never_replayed(
     assert rows(shared, table) == ([(7, 7)] if deliver else [])
 
 
+async def test_read_only_work_whose_commit_is_lost_is_replayed(url: str, table: str) -> None:
+    """run(read_only=True): the work only reads, so a COMMIT lost in flight committed
+    nothing that matters: it is replayed, not reported as CommitOutcomeUnknown."""
+    calls = 0
+
+    async def read(session: AsyncSession) -> int:
+        nonlocal calls
+        calls += 1
+        return int((await session.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar_one())
+
+    with FaultProxy.for_url(url) as proxy:
+        async with Database(proxy.url) as db:
+            proxy.cut_on(b"COMMIT", deliver=True)
+            assert await db.run(read, read_only=True) == 0
+            assert calls == 2
+            assert proxy.tripped == 1
+            assert db.stats().commit_outcome_unknown == 0
+            assert db.stats().replays == 1
+
+
 @pytest.mark.parametrize("deliver", [False, True], ids=["cut-before-server", "cut-after-server"])
 async def test_connection_lost_during_a_commit_the_work_issued_is_never_replayed(
     url: str, shared: Server, table: str, deliver: bool

@@ -1,0 +1,185 @@
+"""The host search: each new connection of a multi-host engine goes to a host whose role fits.
+
+For each new connection the search tries the URL's hosts one at a time: it opens a
+connection (bounded by ``connect_timeout``, through the engine's connector) and reads the
+server facts (``_server.read_facts``, bounded by ``ping_timeout``): the query asyncgone runs
+on every new connection anyway, which also says whether the server is read-only. A
+connection whose role fits is kept, and its facts handed to the ``connect`` listener, so
+that finding the role costs no round trip of its own. One that does not fit is closed and
+the next host is tried. The whole search is bounded by ``host_search_timeout``.
+
+Order: for ``"primary"`` and ``"any"``, the host that fitted last time first (in steady
+state, one attempt per connection), then the others in the URL's order; for ``"replica"``,
+round-robin over the hosts, so that connections spread over the replicas. Hosts the
+engine's owner marked as avoided (a replica that lags, see ``_replicas``) are not tried.
+
+When no host fits, the search raises the driver's error 2003 ("can't connect"), naming
+every host tried and what it was: run() and the checkout path take it as a server that is
+unavailable for now (a failover in progress), and wait or fail as they do for one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+import weakref
+from typing import Any
+
+from ._connector import Connector
+from ._errors import describe, is_unavailable
+from ._hosts import HostAddress, TargetRole, role_fits
+from ._server import ServerFacts, read_facts
+from ._statements import close
+from ._waits import bounded
+
+__all__ = ["HostSearch"]
+
+log = logging.getLogger("asyncgone")
+
+_CANNOT_CONNECT = 2003  # CR_CONN_HOST_ERROR: what any failure to connect reports
+_LOST = 2013  # CR_SERVER_LOST
+
+
+class HostSearch:
+    """Where one engine's new connections go; see the module docstring."""
+
+    def __init__(
+        self,
+        hosts: tuple[HostAddress, ...],
+        target: TargetRole,
+        *,
+        ping_timeout: float,
+        deadline: float,
+        error: type[Exception],
+    ) -> None:
+        self.hosts = hosts
+        self.target = target
+        self.deadline = deadline  # seconds, for the whole search
+        self._ping_timeout = ping_timeout
+        self._error = error
+        self._turn = itertools.count()
+        #: The host the last connection went to (tried first for "primary" and "any").
+        self.preferred: HostAddress | None = None
+        #: Hosts not to connect to for now (set by the engine's owner, e.g. lagging replicas).
+        self.avoided: frozenset[HostAddress] = frozenset()
+        #: What each host was when last tried: "primary", "replica" or "unreachable: ...".
+        self.seen: dict[HostAddress, str] = {}
+        #: When each host was last found unreachable (monotonic); tried last for a while.
+        self.down: dict[HostAddress, float] = {}
+        #: How long a host found unreachable is tried after the others, in seconds.
+        self.recheck_after = 1.0
+        #: The driver's connect keywords, without host and port (set by create_engine()).
+        self.params: dict[str, Any] = {}
+        self._facts: weakref.WeakKeyDictionary[Any, ServerFacts] = weakref.WeakKeyDictionary()
+        self._hosts_of: weakref.WeakKeyDictionary[Any, HostAddress] = weakref.WeakKeyDictionary()
+
+    def usable(self, now: float | None = None) -> list[HostAddress]:
+        """The hosts neither avoided nor found unreachable within ``recheck_after``."""
+        now = time.monotonic() if now is None else now
+        return [
+            h
+            for h in self.hosts
+            if h not in self.avoided and now - self.down.get(h, -math.inf) >= self.recheck_after
+        ]
+
+    def order(self) -> list[HostAddress]:
+        """The hosts in the order the next search tries them: the usable ones (see the
+        module docstring), then those recently found unreachable."""
+        hosts = self.usable()
+        if self.target == "replica" and hosts:
+            start = next(self._turn) % len(hosts)
+            hosts = hosts[start:] + hosts[:start]
+        preferred = self.preferred
+        if self.target != "replica" and preferred in hosts:
+            hosts.remove(preferred)
+            hosts.insert(0, preferred)
+        down = [h for h in self.hosts if h not in hosts and h not in self.avoided]
+        return hosts + sorted(down, key=lambda h: self.down.get(h, 0.0))
+
+    def facts_of(self, conn: Any) -> ServerFacts | None:
+        """The facts read from a connection this search opened (once), or None."""
+        return self._facts.pop(conn, None)
+
+    def host_of(self, conn: Any) -> HostAddress | None:
+        """The host a connection this search opened goes to, or None."""
+        return self._hosts_of.get(conn)
+
+    def wrap(self, connect: Connector) -> Connector:
+        """A connector that searches the hosts, opening each with ``connect``."""
+
+        async def search(*args: Any, **kwargs: Any) -> Any:
+            return await self._search(connect, args, kwargs)
+
+        return search
+
+    async def _search(self, connect: Connector, args: Any, kwargs: dict[str, Any]) -> Any:
+        started = time.monotonic()
+        give_up_at = started + self.deadline
+        tried: list[str] = []
+        order = self.order()
+        for host in order:
+            left = give_up_at - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                conn, facts = await bounded(self._attempt(connect, host, args, kwargs), left)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise  # access denied, unknown database: no other host will do better
+                what = (
+                    f"no answer within the search's {self.deadline:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else describe(exc)
+                )
+                self.seen[host] = f"unreachable: {what}"
+                self.down[host] = time.monotonic()
+                tried.append(f"{host} unreachable ({what})")
+                continue
+            role = "replica" if facts.read_only else "primary"
+            self.seen[host] = role
+            self.down.pop(host, None)
+            if role_fits(self.target, facts.read_only):
+                self.preferred = host
+                self._facts[conn] = facts
+                self._hosts_of[conn] = host
+                return conn
+            tried.append(f"{host} {'read-only' if facts.read_only else 'writable'}")
+            await close(conn, self._ping_timeout)
+        untried = order[len(tried) :]
+        raise self._error(_CANNOT_CONNECT, self._message(tried, untried))
+
+    async def _attempt(
+        self, connect: Connector, host: HostAddress, args: Any, kwargs: dict[str, Any]
+    ) -> tuple[Any, ServerFacts]:
+        conn = await connect(*args, **{**kwargs, "host": host.host, "port": host.port})
+        try:
+            facts = await read_facts(conn, self._ping_timeout)
+        except BaseException as exc:
+            await close(conn, self._ping_timeout)
+            if isinstance(exc, (TimeoutError, OSError)):
+                # A timeout or a transport error: the connection is lost (as in _connect).
+                raise self._error(
+                    _LOST, f"Lost connection while reading the server's role: {describe(exc)}"
+                ) from exc
+            raise
+        return conn, facts
+
+    def _message(self, tried: list[str], untried: list[HostAddress]) -> str:
+        wanted = {
+            "primary": "a writable server",
+            "replica": "a read-only server",
+            "any": "a server that answers",
+        }[self.target]
+        parts = [f"no host is {wanted} (target_role={self.target!r})"]
+        parts.append(f"tried {', '.join(tried)}" if tried else "tried none")
+        avoided = [str(h) for h in self.hosts if h in self.avoided]
+        if avoided:
+            parts.append(f"avoided (lagging or down) {', '.join(avoided)}")
+        if untried:
+            parts.append(
+                f"not tried within {self.deadline:g} s (host_search_timeout): "
+                f"{', '.join(map(str, untried))}"
+            )
+        return "; ".join(parts)

@@ -1,0 +1,102 @@
+"""The host search's bounds, against a host that accepts connections and never answers (a
+blackholed path): one attempt costs its connect bound, the whole search its own bound."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+
+import asyncgone
+from asyncgone.testing import FaultProxy
+from tests._support import Server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def blackholed(shared: Server) -> Iterator[FaultProxy]:
+    """A proxy in front of the shared server whose every connection is silently dropped."""
+    with FaultProxy(shared.host, shared.port) as proxy:
+        proxy.blackhole(include_new=True)
+        yield proxy
+
+
+def two_hosts(shared: Server, proxy: FaultProxy, driver: str) -> str:
+    auth = shared.user + (f":{shared.password}" if shared.password else "")
+    return (
+        f"mysql+{driver}://{auth}@/test"
+        f"?host={proxy.host}:{proxy.port}&host={shared.host}:{shared.port}"
+    )
+
+
+async def test_a_blackholed_host_costs_one_connect_bound(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """The first host never greets: after connect_timeout the search moves on to the next,
+    which answers; the blackholed host is tried last for a while after that."""
+    engine = asyncgone.create_engine(
+        two_hosts(shared, blackholed, driver), connect_timeout=1, target_role="any"
+    )
+    try:
+        started = time.monotonic()
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT @@port"))).scalar_one() == shared.port
+        assert 1.0 <= time.monotonic() - started < 1.0 + 3.0  # one connect bound, and slack
+        assert blackholed.accepted == 1
+        async with engine.connect() as first, engine.connect() as second:  # one new one
+            for conn in (first, second):
+                await conn.execute(text("SELECT 1"))
+        assert blackholed.accepted == 1  # the host that answered is tried first now
+    finally:
+        await engine.dispose()
+
+
+async def test_the_whole_search_is_bounded_and_says_what_it_did_not_try(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """host_search_timeout below one connect bound: the search ends at it, and the error
+    names the host it had no time for."""
+    engine = asyncgone.create_engine(
+        two_hosts(shared, blackholed, driver),
+        connect_timeout=5,
+        host_search_timeout=0.5,
+        target_role="any",
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(sa_exc.OperationalError) as info:
+            async with engine.connect():
+                pass
+        assert time.monotonic() - started < 0.5 + 2.0
+        message = str(info.value)
+        assert f"{blackholed.host}:{blackholed.port} unreachable" in message
+        assert f"not tried within 0.5 s (host_search_timeout): {shared.host}:{shared.port}" in (
+            message
+        )
+    finally:
+        await engine.dispose()
+
+
+async def test_access_denied_is_raised_at_once_not_searched_past(
+    shared: Server, driver: str
+) -> None:
+    """A wrong password fails the same on every host: the driver's "Access denied" is
+    raised from the first host, not turned into "no host fits"."""
+    with FaultProxy(shared.host, shared.port) as proxy:
+        url = (
+            f"mysql+{driver}://nobody:wrong@/test"
+            f"?host={shared.host}:{shared.port}&host={proxy.host}:{proxy.port}"
+        )
+        engine = asyncgone.create_engine(url, target_role="any")
+        try:
+            with pytest.raises(sa_exc.OperationalError, match="Access denied") as info:
+                async with engine.connect():
+                    pass
+            assert "no host" not in str(info.value)
+            assert proxy.accepted == 0
+        finally:
+            await engine.dispose()
