@@ -14,16 +14,23 @@ machine conditions at every moment, and the medians of many short samples ignore
 interruptions that make rounds noisy. Reported per driver: the median CPU per unit of each
 engine, the difference of the medians, and a 95 % interval for it from resampling the
 units (bootstrap).
+
+``--breakdown`` also measures asyncgone engines with one part switched off at a time (by
+replacing asyncgone internals for the measurement only; such an engine is not safe to use):
+what each part costs is the full difference minus that engine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -50,10 +57,36 @@ def interval(a: list[int], b: list[int], rounds: int = 200) -> tuple[float, floa
     return diffs[int(rounds * 0.025)] / 1000, diffs[int(rounds * 0.975)] / 1000
 
 
-async def measure(url: str, units: int) -> tuple[list[int], list[int]]:
+#: The parts ``--breakdown`` switches off, one at a time: (module, attribute, replacement).
+PARTS: dict[str, tuple[str, str, Callable[..., Any]]] = {
+    "checkout check": ("_checkout", "CheckoutCheck.check_record", lambda self, r, b: None),
+    "return (ROLLBACK decision)": ("_engine", "install_reset", lambda *a: None),
+    "cursor counting": ("_drivers", "DriverSupport.count_cursors", lambda self, c: None),
+    "error listeners": ("_invalidation", "ErrorHandling.install", lambda self, e: None),
+}
+
+
+def without(part: str | None, url: str) -> AsyncEngine:
+    """An asyncgone engine, with ``part`` (a key of ``PARTS``) switched off."""
+    if part is None:
+        return asyncgone.create_engine(url, pool_size=1)
+    module_name, path, replacement = PARTS[part]
+    owner: Any = importlib.import_module(f"asyncgone.{module_name}")
+    *outer, name = path.split(".")
+    for step in outer:
+        owner = getattr(owner, step)
+    saved = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        return asyncgone.create_engine(url, pool_size=1)
+    finally:
+        setattr(owner, name, saved)
+
+
+async def measure(url: str, units: int, part: str | None = None) -> tuple[list[int], list[int]]:
     """CPU nanoseconds per unit on each engine, units alternating between them."""
     plain = create_async_engine(url, pool_size=1)
-    ours = asyncgone.create_engine(url, pool_size=1)
+    ours = without(part, url)
     try:
         for _ in range(500):  # warm: connections, statement caches, specialised bytecode
             await unit(plain)
@@ -78,11 +111,17 @@ async def main(args: argparse.Namespace) -> None:
         low, high = interval(plain, ours)
         median_plain = statistics.median(plain) / 1000
         median_ours = statistics.median(ours) / 1000
+        full = median_ours - median_plain
         print(
             f"{driver}: sqlalchemy {median_plain:.1f} µs/unit, asyncgone {median_ours:.1f} "
-            f"µs/unit, difference {median_ours - median_plain:+.1f} µs (95 % interval "
-            f"{low:+.1f} to {high:+.1f}; {len(plain)} units each)"
+            f"µs/unit, difference {full:+.1f} µs (95 % interval "
+            f"{low:+.1f} to {high:+.1f}; {len(plain)} units each)",
+            flush=True,
         )
+        for part in PARTS if args.breakdown else ():
+            plain, ours = await measure(url.render_as_string(hide_password=False), args.units, part)
+            rest = statistics.median(ours) / 1000 - statistics.median(plain) / 1000
+            print(f"  {part}: {full - rest:+.1f} µs (without it {rest:+.1f})", flush=True)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -90,6 +129,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--url", default="mysql://root@127.0.0.1:3306/test")
     parser.add_argument("--drivers", type=lambda s: s.split(","), default=["aiomysql", "asyncmy"])
     parser.add_argument("--units", type=int, default=20000)
+    parser.add_argument("--breakdown", action="store_true", help="cost of each part too")
     return parser.parse_args(argv)
 
 

@@ -145,7 +145,17 @@ def test_a_script_may_run_several_event_loops(shared: Server, driver: str, runne
         check=False,
         env={**os.environ},
     )
-    assert (result.returncode, result.stdout, result.stderr) == (0, "6 {}\n", "")
+    assert (result.returncode, result.stdout, complaints(result.stderr)) == (0, "6 {}\n", "")
+
+
+def complaints(stderr: str) -> str:
+    """What a ``-X dev`` run printed, less asyncio's debug-mode notes on slow callbacks
+    ("Executing <Task ...> took 0.139 seconds"), which a loaded machine produces."""
+    return "".join(
+        line
+        for line in stderr.splitlines(keepends=True)
+        if not (line.startswith("Executing <") and " took " in line)
+    )
 
 
 CLOSED_BY_HAND = """
@@ -183,7 +193,7 @@ def test_a_connection_whose_loop_was_closed_by_hand_is_released(
         timeout=60,
         check=False,
     )
-    assert (result.returncode, result.stdout, result.stderr) == (
+    assert (result.returncode, result.stdout, complaints(result.stderr)) == (
         0,
         "7\n2 {'foreign_loop': 1}\n",
         "",
