@@ -44,7 +44,7 @@ class ConnectSetup:
         self._state = state
         self._dbapi = dbapi
         self._read_facts = True
-        self._connector = connector_for(state.driver, state.connect_timeout)
+        self._connector = connector_for(state.driver, state.connect_timeout, state.admission)
         self._loops: LoopWatch | None = None
         self.params: dict[str, Any] | None = None
 

@@ -72,7 +72,7 @@ class Report:
 async def examine(url: str | URL, timeout: float) -> Report:
     """Connect once, read the server's limits and the connection's encryption, time a few
     pings, and advise."""
-    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout)
+    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout, connect_retry=None)
     try:
         async with engine.connect() as conn:
             row = (

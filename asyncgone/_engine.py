@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._admission import admission_for
 from ._cancel import StatementKiller
 from ._checkout import CheckoutCheck
 from ._closing import guard_closing
@@ -49,7 +50,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         **kwargs: asyncgone's options (``recycle``, ``max_lifetime``, ``ping_after``,
             ``ping_timeout``, ``connect_timeout``, ``tcp_keepalive``, ``kill_on_cancel``,
             ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
-            ``leak_threshold``: see ``EngineOptions``) and anything
+            ``leak_threshold``, ``max_connecting``, ``connect_retry``,
+            ``connect_backoff_max``: see ``EngineOptions``) and anything
             ``create_async_engine`` takes. ``pool_pre_ping=True`` means ``ping_after=0``
             (a bounded ping at each checkout of a reused connection, after the socket
             check); ``pool_reset_on_return`` keeps its meaning.
@@ -87,6 +89,7 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         driver=driver,
         pool_recycle=sa_kwargs.get("pool_recycle"),
     )
+    state.admission = admission_for(options, sa_kwargs.get("pool_timeout"), state.counters, driver)
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)

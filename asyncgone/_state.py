@@ -29,6 +29,7 @@ from ._errors import ConfigurationError
 from ._stats import Counters, Stats
 
 if TYPE_CHECKING:
+    from ._admission import Admission
     from ._cancel import StatementKiller
     from ._drivers import CursorCount, DriverSupport
 
@@ -216,6 +217,8 @@ class EngineState:
         self.driver = driver
         self.pool_recycle = pool_recycle
         self.killer: StatementKiller | None = None
+        # Who may open a connection when (_admission); None: every connect at once.
+        self.admission: Admission | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed

@@ -1,0 +1,244 @@
+"""Admission of new connections: few attempts in flight, and a backoff when the server refuses.
+
+A fleet of processes whose pools all reconnect at the same instant (a restart, a failover)
+can ask a server for more connections than it takes: it answers 1040 (too many
+connections), 1203 (``max_user_connections``), or does not listen yet (2002/2003, a refused
+TCP connect). Every refusal handed to the caller is a user-visible error, and every attempt
+repeated at once makes the storm worse. HikariCP opens connections one at a time from one
+thread and backs off; asyncgone does the same per engine:
+
+- at most ``max_connecting`` connection attempts are in flight at once (the others wait for
+  a slot, in order);
+- a refused attempt is tried again after a jittered exponential backoff, which every attempt
+  of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
+  seconds; a success shortens the next backoff again;
+- the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
+  after it began (by default the pool's ``pool_timeout``), the deadline of its anyio cancel
+  scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
+  ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
+  the caller gets the server's last refusal, as it would have without asyncgone.
+
+Errors that retrying cannot cure (access denied, unknown database, TLS failures) are raised
+at once. Nothing here runs for a connection that is already open: checkouts pay nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import anyio
+
+from ._config import EngineOptions
+from ._drivers import DriverSupport, connect_error
+from ._errors import error_code
+from ._stats import Counters
+
+__all__ = [
+    "REFUSAL_CODES",
+    "Admission",
+    "admission_for",
+    "connect_deadline",
+    "is_refusal",
+]
+
+_T = TypeVar("_T")
+
+#: Connect errors the server (or its host) clears by itself, and that repeating at once
+#: only makes worse: too many connections (1040), ``max_user_connections`` reached (1203),
+#: host blocked after too many connection errors (1129, until ``FLUSH HOSTS`` or
+#: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
+#: socket, 2003 on TCP: a server starting or restarting).
+REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
+
+# The first backoff after a refusal, in seconds; it doubles with every refusal in a row,
+# up to connect_backoff_max, and each delay is drawn between half of it and all of it.
+_BACKOFF_BASE = 0.1
+
+# SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
+_POOL_TIMEOUT = 30.0
+
+# The deadline a caller such as Database.run() puts on the connects it causes, as a
+# time.monotonic() value.
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "asyncgone_connect_deadline", default=math.inf
+)
+
+
+@contextlib.contextmanager
+def connect_deadline(when: float) -> Iterator[None]:
+    """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) at the
+    latest; for callers with a deadline of their own that is no cancel scope."""
+    token = _DEADLINE.set(min(when, _DEADLINE.get()))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Tell whether a failed connect is a refusal worth retrying after a backoff."""
+    return isinstance(exc, ConnectionRefusedError) or error_code(exc) in REFUSAL_CODES
+
+
+class _Slots:
+    """A first-come, first-served counting semaphore that works on any event loop.
+
+    A slot handed to a waiter that is cancelled at that moment is passed on, never lost.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():  # handed over just as the wait ended: pass it on
+                self.release()
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot goes straight to the next waiter
+        else:
+            self._free += 1
+
+
+class Admission:
+    """The connect admission of one engine; see the module docstring.
+
+    ``max_connecting`` None means no cap; ``retry_for`` is seconds (0: no retry);
+    ``backoff_max`` caps one backoff delay, in seconds; ``error`` is the driver's
+    ``OperationalError`` class, for a caller that never got a slot in time.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connecting: int | None,
+        retry_for: float,
+        backoff_max: float,
+        counters: Counters,
+        error: type[Exception],
+    ) -> None:
+        self.max_connecting = max_connecting
+        self.retry_for = retry_for
+        self.backoff_max = backoff_max
+        self._counters = counters
+        self._error = error
+        self._slots = None if max_connecting is None else _Slots(max_connecting)
+        self._not_before = -math.inf  # time.monotonic(): no attempt starts earlier
+        self._streak = 0  # refusals in a row, less one per success since
+
+    def __repr__(self) -> str:
+        cap = "no cap" if self._slots is None else f"max_connecting={self.max_connecting}"
+        waiting = 0 if self._slots is None else self._slots.waiting
+        return f"<Admission {cap}, {waiting} waiting, backoff streak {self._streak}>"
+
+    def backoff(self) -> float:
+        """The delay after one more refusal: exponential in the streak, jittered."""
+        ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _deadline(self, now: float) -> float:
+        """The latest moment this caller's connect may try: the retry window, the caller's
+        cancel scope, a deadline set with ``connect_deadline``."""
+        until = min(now + self.retry_for, _DEADLINE.get())
+        scope = anyio.current_effective_deadline()
+        if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
+            until = min(until, now + (scope - anyio.current_time()))
+        return until
+
+    async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
+        module docstring) and return the connection, or raise the last error."""
+        counters = self._counters
+        until = self._deadline(time.monotonic())
+        while True:
+            await self._acquire(until)
+            try:
+                # The engine may have backed off while this caller waited for its slot.
+                now = time.monotonic()
+                if self._not_before > now:
+                    await anyio.sleep(min(self._not_before, until) - now)
+                counters.connect_attempts += 1
+                try:
+                    connection = await attempt()
+                except Exception as exc:
+                    if not is_refusal(exc):
+                        raise
+                    counters.connects_refused += 1
+                    delay = self._refused()
+                    if time.monotonic() + delay >= until:
+                        raise
+                    continue  # the slot is released first, then the backoff is awaited
+                self._streak = max(0, self._streak - 1)
+                return connection
+            finally:
+                if self._slots is not None:
+                    self._slots.release()
+
+    def _refused(self) -> float:
+        """Note a refusal; push the engine's next attempt back; return the delay."""
+        delay = self.backoff()
+        self._streak += 1
+        self._not_before = max(self._not_before, time.monotonic() + delay)
+        return delay
+
+    async def _acquire(self, until: float) -> None:
+        """Take a slot, waiting until ``until`` at most (then the driver's 2003 error)."""
+        if self._slots is None:
+            return
+        with anyio.move_on_after(max(0.0, until - time.monotonic())):
+            await self._slots.acquire()
+            return
+        raise self._error(
+            2003,
+            f"Can't connect to MySQL server: no connection attempt could start before the "
+            f"deadline; max_connecting={self.max_connecting} attempts were in flight",
+        )
+
+
+def admission_for(
+    options: EngineOptions,
+    pool_timeout: float | None,
+    counters: Counters,
+    driver: DriverSupport,
+) -> Admission | None:
+    """The admission for an engine with these options, or None when there is nothing to do
+    (no cap and no retry) or the driver is one asyncgone does not open itself."""
+    retry = options.connect_retry
+    if retry == "pool_timeout":
+        retry_for = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
+    else:
+        retry_for = 0.0 if retry is None else float(retry)
+    if not driver.known or (options.max_connecting is None and retry_for <= 0):
+        return None
+    return Admission(
+        max_connecting=options.max_connecting,
+        retry_for=retry_for,
+        backoff_max=options.connect_backoff_max,
+        counters=counters,
+        error=connect_error(driver.name),
+    )
