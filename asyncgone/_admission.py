@@ -11,8 +11,18 @@ thread and backs off; asyncgone does the same per engine:
   a slot, in order);
 - a refused attempt is tried again after a jittered exponential backoff, which every attempt
   of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
-  seconds; a success shortens the next backoff again;
-- the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
+  seconds; refusals more than ``2 * connect_backoff_max`` apart start from the smallest
+  pause again;
+- a refusal for want of capacity (1040, 1203) also holds the engine's pool at the
+  connections it has: QueuePool's overflow limit is lowered to them, so checkouts wait for a
+  connection to come back (up to ``pool_timeout``) instead of asking the full server for
+  more; after ``2 * connect_backoff_max`` seconds without such a refusal the limit rises by
+  one, and so on up to ``max_overflow`` (additive increase, as TCP's congestion control);
+  a refusal after a raise doubles that wait, up to a minute;
+- ``Database.run()`` tries again by itself, through the pool: for it a refusal for want of
+  capacity, while the engine holds other connections, is raised at once, and its next try
+  waits for one of them to come back (the overflow being held) instead of asking again;
+- any other caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
   after it began (by default the pool's ``pool_timeout``), the deadline of its anyio cancel
   scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
   ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
@@ -24,17 +34,23 @@ at once. Nothing here runs for a connection that is already open: checkouts pay 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import contextvars
+import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import anyio
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 
+from . import _compat
 from ._config import EngineOptions
 from ._drivers import DriverSupport, connect_error
 from ._errors import error_code
@@ -48,6 +64,8 @@ __all__ = [
     "is_refusal",
 ]
 
+log = logging.getLogger("asyncgone")
+
 _T = TypeVar("_T")
 
 #: Connect errors the server (or its host) clears by itself, and that repeating at once
@@ -56,6 +74,13 @@ _T = TypeVar("_T")
 #: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
 #: socket, 2003 on TCP: a server starting or restarting).
 REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
+
+# Refusals that mean the server is full (not down): too many connections, and the account's
+# max_user_connections.
+_CAPACITY_CODES = frozenset({1040, 1203})
+
+# The longest hold, in seconds, between two raises of a held pool's overflow limit.
+_HOLD_MAX = 60.0
 
 # The first backoff after a refusal, in seconds; it doubles with every refusal in a row,
 # up to connect_backoff_max, and each delay is drawn between half of it and all of it.
@@ -74,7 +99,8 @@ _DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
 @contextlib.contextmanager
 def connect_deadline(when: float) -> Iterator[None]:
     """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) at the
-    latest; for callers with a deadline of their own that is no cancel scope."""
+    latest; for a caller (``Database.run()``) with a deadline of its own that is no cancel
+    scope, and that tries again by itself (see the module docstring)."""
     token = _DEADLINE.set(min(when, _DEADLINE.get()))
     try:
         yield
@@ -149,7 +175,25 @@ class Admission:
         self._error = error
         self._slots = None if max_connecting is None else _Slots(max_connecting)
         self._not_before = -math.inf  # time.monotonic(): no attempt starts earlier
-        self._streak = 0  # refusals in a row, less one per success since
+        # Refusals in a row: each within 2 * backoff_max seconds of the one before.
+        self._streak = 0
+        self._last_refusal = -math.inf
+        self.in_flight = 0  # attempts running now
+        self._engine: Callable[[], Engine | None] = lambda: None
+        # While the pool is held (see the module docstring): its max_overflow as configured,
+        # the lowered limit, the last refusal for want of capacity, the timer that raises it.
+        self._configured_overflow = 0
+        self._overflow_limit: int | None = None
+        self._last_full = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        # Seconds without a refusal before the limit rises by one: doubled when a refusal
+        # follows a raise (the server is still full), back to 2 * backoff_max once restored.
+        self._hold_for = 2 * backoff_max
+        self._probing = False
+
+    def watch(self, engine: Engine) -> None:
+        """Hold this (sync) engine's pool when the server is full (weakly referenced)."""
+        self._engine = weakref.ref(engine)
 
     def __repr__(self) -> str:
         cap = "no cap" if self._slots is None else f"max_connecting={self.max_connecting}"
@@ -179,10 +223,11 @@ class Admission:
             await self._acquire(until)
             try:
                 # The engine may have backed off while this caller waited for its slot.
-                now = time.monotonic()
-                if self._not_before > now:
-                    await anyio.sleep(min(self._not_before, until) - now)
+                pause = min(self._not_before, until) - time.monotonic()
+                if pause > 0:
+                    await anyio.sleep(pause)
                 counters.connect_attempts += 1
+                self.in_flight += 1
                 try:
                     connection = await attempt()
                 except Exception as exc:
@@ -190,10 +235,15 @@ class Admission:
                         raise
                     counters.connects_refused += 1
                     delay = self._refused()
+                    if error_code(exc) in _CAPACITY_CODES:
+                        self._hold_overflow()
+                        if _DEADLINE.get() < math.inf and self._others_held():
+                            raise  # Database.run() tries again, through the held pool
                     if time.monotonic() + delay >= until:
                         raise
                     continue  # the slot is released first, then the backoff is awaited
-                self._streak = max(0, self._streak - 1)
+                finally:
+                    self.in_flight -= 1
                 return connection
             finally:
                 if self._slots is not None:
@@ -201,10 +251,77 @@ class Admission:
 
     def _refused(self) -> float:
         """Note a refusal; push the engine's next attempt back; return the delay."""
+        now = time.monotonic()
+        if now - self._last_refusal > 2 * self.backoff_max:
+            self._streak = 0  # the last refusals are long past: start small again
+        self._last_refusal = now
         delay = self.backoff()
         self._streak += 1
         self._not_before = max(self._not_before, time.monotonic() + delay)
         return delay
+
+    def _pool(self) -> QueuePool | None:
+        engine = self._engine()
+        pool = None if engine is None else engine.pool
+        return pool if isinstance(pool, QueuePool) else None
+
+    def _others_held(self) -> bool:
+        """Whether the pool has connections besides the one being opened (idle, in use,
+        or being opened by other callers)."""
+        pool = self._pool()
+        return pool is not None and pool.checkedin() + pool.checkedout() > 1
+
+    def _hold_overflow(self) -> None:
+        """Keep the pool at the connections it has (less the one refused), for a while."""
+        self._last_full = time.monotonic()
+        pool = self._pool()
+        configured = None if pool is None else _compat.max_overflow(pool)
+        if pool is None or configured is None:
+            return
+        if self._overflow_limit is None:
+            self._configured_overflow = configured
+        limit = min(configured, max(0, pool.overflow() - 1))
+        if self._overflow_limit is not None:
+            if self._probing:  # the limit was raised, and the server is still full
+                self._hold_for = min(self._hold_for * 2, _HOLD_MAX)
+                self._probing = False
+            if limit >= self._overflow_limit:
+                return
+        if not _compat.set_max_overflow(pool, limit):
+            return
+        if self._overflow_limit is None:
+            log.info(
+                "the server refused a connection for want of capacity: this engine opens no "
+                "connection beyond the %d overflow it has until the server takes more",
+                limit,
+            )
+        self._overflow_limit = limit
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._hold_for, self._raise_overflow)
+
+    def _raise_overflow(self) -> None:
+        """One more overflow connection once the server went a while without refusing."""
+        self._timer = None
+        limit = self._overflow_limit
+        pool = self._pool()
+        if limit is None or pool is None:
+            self._overflow_limit = None
+            return
+        if time.monotonic() - self._last_full >= self._hold_for:
+            limit += 1
+            self._probing = True
+        if limit >= self._configured_overflow:
+            _compat.set_max_overflow(pool, self._configured_overflow)
+            self._overflow_limit = None
+            self._hold_for = 2 * self.backoff_max
+            log.info("the server takes connections again: max_overflow is back to its value")
+            return
+        _compat.set_max_overflow(pool, limit)
+        self._overflow_limit = limit
+        self._schedule()
 
     async def _acquire(self, until: float) -> None:
         """Take a slot, waiting until ``until`` at most (then the driver's 2003 error)."""
@@ -226,14 +343,14 @@ def admission_for(
     counters: Counters,
     driver: DriverSupport,
 ) -> Admission | None:
-    """The admission for an engine with these options, or None when there is nothing to do
-    (no cap and no retry) or the driver is one asyncgone does not open itself."""
+    """The admission for an engine with these options (also without a cap or retries: it
+    counts the attempts), or None for a driver asyncgone does not open itself."""
     retry = options.connect_retry
     if retry == "pool_timeout":
         retry_for = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
     else:
         retry_for = 0.0 if retry is None else float(retry)
-    if not driver.known or (options.max_connecting is None and retry_for <= 0):
+    if not driver.known:
         return None
     return Admission(
         max_connecting=options.max_connecting,

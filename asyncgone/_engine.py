@@ -102,5 +102,7 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         state.killer.install(sync)
     if options.leak_threshold is not None:
         LeakDetection(state, options.leak_threshold).install(sync)
+    if state.admission is not None:
+        state.admission.watch(sync)
     attach(sync, state)
     return engine
