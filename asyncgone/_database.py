@@ -155,7 +155,11 @@ class Database:
         return self._engine
 
     async def start(self) -> Database:
-        """Create the engine and check that the server answers; return self."""
+        """Create the engine and check that the server answers; return self.
+
+        A server that is full (1040, 1203) or not listening yet is tried again with a
+        backoff (see ``connect_retry``) for up to ``connect_timeout + ping_timeout`` seconds
+        in all; then ``DatabaseUnavailable`` is raised, naming the last error."""
         if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
         if self._lifecycle is _Lifecycle.STARTED:

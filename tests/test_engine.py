@@ -51,14 +51,34 @@ async def test_null_pool_works_without_checks(url: str) -> None:
 
 
 async def test_refused_connection_fails_fast_with_2003(driver: str) -> None:
-    """Nothing listens on the port: a clear 2003 error in well under connect_timeout."""
-    engine = asyncgone.create_engine(f"mysql+{driver}://root:s3cret@127.0.0.1:1/test")
+    """Nothing listens on the port and no retry is wanted (``connect_retry=None``): a clear
+    2003 error in well under connect_timeout."""
+    engine = asyncgone.create_engine(
+        f"mysql+{driver}://root:s3cret@127.0.0.1:1/test", connect_retry=None
+    )
     try:
         started = time.monotonic()
         with pytest.raises(sa_exc.OperationalError, match="2003") as info:
             await connection_id(engine)
         assert time.monotonic() - started < asyncgone.DEFAULT_CONNECT_TIMEOUT
         assert "s3cret" not in str(info.value)
+        assert asyncgone.stats(engine).connect_attempts == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_refused_connection_is_retried_within_connect_retry(driver: str) -> None:
+    """By default a refused connect is tried again with a backoff (a server restarting),
+    until ``connect_retry`` is over; then the same clear 2003 error."""
+    engine = asyncgone.create_engine(
+        f"mysql+{driver}://root:s3cret@127.0.0.1:1/test", connect_retry=1.0
+    )
+    try:
+        with pytest.raises(sa_exc.OperationalError, match="2003") as info:
+            await connection_id(engine)
+        assert "s3cret" not in str(info.value)
+        stats = asyncgone.stats(engine)
+        assert stats.connects_refused == stats.connect_attempts >= 2
     finally:
         await engine.dispose()
 

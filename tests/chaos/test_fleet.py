@@ -40,9 +40,8 @@ def test_a_fleet_rides_out_a_crash_without_a_storm(driver: str) -> None:
     assert figures["units_failed"] == 0, figures["failures"]
     assert figures["units_done"] > 0
     assert figures["rows"] == figures["units_done"]
-    refused = figures["server_refused_before_auth"] + figures["server_aborted_connects"]
-    # Without the cap the same fleet meets hundreds (docs/fleets.md has the figures).
-    assert refused <= 2 * figures["max_connections"], figures
-    # The clients saw each refusal the server counted (and the connects it never accepted
-    # while it was down), and retried them rather than failing.
-    assert figures["client_refused"] >= figures["server_aborted_connects"] > 0 or refused == 0
+    # Without the cap the same fleet hammers the restarting server with over a hundred
+    # attempts per second (docs/fleets.md has the figures); with it, each process has at
+    # most max_connecting attempts in flight and backs off.
+    assert figures["peak_attempts_per_s_after_crash"] <= 2 * figures["processes"] * 6, figures
+    assert figures["server_refused_after_crash"] <= 2 * figures["max_connections"], figures
