@@ -268,3 +268,32 @@ async def test_max_connecting_caps_the_attempts_in_flight(
                 assert seen == cap
         finally:
             await engine.dispose()
+
+
+async def test_run_takes_a_pooled_connection_rather_than_asking_a_full_server_again(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """``run()`` meeting 1040 while its pool has a connection in use does not retry the
+    connect: the pool's overflow is held, and the unit waits for that connection."""
+    db = asyncgone.Database(
+        app_url(small_server, driver), pool_size=1, max_overflow=2, keepalive=False
+    )
+    with full(small_server, spare=1):
+        async with db:  # start() takes the spare connection; it stays in the pool
+
+            async def hold() -> None:
+                async with db.session() as session:
+                    await session.execute(text("SELECT SLEEP(1)"))
+
+            async def unit(session: Any) -> int:
+                return int((await session.execute(text("SELECT 7"))).scalar_one())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                await anyio.sleep(0.2)  # the pooled connection is in use now
+                with anyio.fail_after(20):
+                    assert await db.run(unit) == 7
+            stats = db.stats()
+            assert stats.connects_refused == 1
+            assert stats.connect_attempts == 2
+            assert stats.connects == 1
