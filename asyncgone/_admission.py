@@ -22,7 +22,7 @@ thread and backs off; asyncgone does the same per engine:
 - ``Database.run()`` tries again by itself, through the pool: for it a refusal for want of
   capacity, while the engine holds other connections, is raised at once, and its next try
   waits for one of them to come back (the overflow being held) instead of asking again;
-- any other caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
+- otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
   after it began (by default the pool's ``pool_timeout``), the deadline of its anyio cancel
   scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
   ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
@@ -72,12 +72,16 @@ _T = TypeVar("_T")
 #: only makes worse: too many connections (1040), ``max_user_connections`` reached (1203),
 #: host blocked after too many connection errors (1129, until ``FLUSH HOSTS`` or
 #: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
-#: socket, 2003 on TCP: a server starting or restarting).
+#: socket, 2003 on TCP, each with the refused connect chained: a server starting or
+#: restarting).
 REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
 
 # Refusals that mean the server is full (not down): too many connections, and the account's
 # max_user_connections.
 _CAPACITY_CODES = frozenset({1040, 1203})
+
+# Refusals the server sends itself (the others are the socket's).
+_SERVER_REFUSALS = frozenset({1040, 1129, 1203})
 
 # The longest hold, in seconds, between two raises of a held pool's overflow limit.
 _HOLD_MAX = 60.0
@@ -109,8 +113,26 @@ def connect_deadline(when: float) -> Iterator[None]:
 
 
 def is_refusal(exc: BaseException) -> bool:
-    """Tell whether a failed connect is a refusal worth retrying after a backoff."""
-    return isinstance(exc, ConnectionRefusedError) or error_code(exc) in REFUSAL_CODES
+    """Tell whether a failed connect is a refusal worth retrying after a backoff.
+
+    2002/2003 count only when the socket's connect was refused (the drivers chain the
+    ``ConnectionRefusedError``, or ``FileNotFoundError`` for a missing unix socket): a
+    server that is not listening yet. A host that does not answer, or a server that accepts
+    and never greets (``connect_timeout``), already cost the caller its time: not again.
+    """
+    code = error_code(exc)
+    if code in _SERVER_REFUSALS:
+        return True
+    if code not in (None, 2002, 2003) and not isinstance(exc, OSError):
+        return False
+    seen: BaseException | None = exc
+    for _ in range(5):  # the driver's error, then what it was raised from
+        if seen is None:
+            break
+        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class _Slots:
@@ -186,6 +208,8 @@ class Admission:
         self._overflow_limit: int | None = None
         self._last_full = -math.inf
         self._timer: asyncio.TimerHandle | None = None
+        # The loop the timer runs on, weakly: a closed loop must not stay in memory.
+        self._timer_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None
         # Seconds without a refusal before the limit rises by one: doubled when a refusal
         # follows a raise (the server is still full), back to 2 * backoff_max once restored.
         self._hold_for = 2 * backoff_max
@@ -239,6 +263,8 @@ class Admission:
                         self._hold_overflow()
                         if _DEADLINE.get() < math.inf and self._others_held():
                             raise  # Database.run() tries again, through the held pool
+                    elif self._overflow_limit is not None:
+                        self._last_full = time.monotonic()  # still refusing: keep holding
                     if time.monotonic() + delay >= until:
                         raise
                     continue  # the slot is released first, then the backoff is awaited
@@ -296,11 +322,15 @@ class Admission:
                 limit,
             )
         self._overflow_limit = limit
-        if self._timer is None:
-            self._schedule()
+        if self._timer is None or self._timer_loop() is not asyncio.get_running_loop():
+            self._schedule()  # none yet, or one on a loop that is gone
 
     def _schedule(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._hold_for, self._raise_overflow)
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._hold_for, self._raise_overflow)
+        self._timer_loop = weakref.ref(loop)
 
     def _raise_overflow(self) -> None:
         """One more overflow connection once the server went a while without refusing."""

@@ -27,20 +27,32 @@ def admission(**kwargs: object) -> Admission:
     return Admission(**options)  # type: ignore[arg-type]
 
 
+def refused(code: int, cause: BaseException | None = None) -> BaseException:
+    """The driver's error as raised from a failed socket connect."""
+    error = pymysql.err.OperationalError(code, "Can't connect to MySQL server")
+    error.__cause__ = cause if cause is not None else ConnectionRefusedError(111, "refused")
+    return error
+
+
 @pytest.mark.parametrize(
     ("error", "refused"),
     [
         (pymysql.err.OperationalError(1040, "Too many connections"), True),
         (pymysql.err.OperationalError(1203, "User app already has more than ..."), True),
         (pymysql.err.OperationalError(1129, "Host is blocked"), True),
-        (pymysql.err.OperationalError(2003, "Can't connect to MySQL server"), True),
+        (refused(2003), True),
+        (refused(2002, FileNotFoundError(2, "No such file or directory")), True),
         (ConnectionRefusedError(111, "Connection refused"), True),
+        (pymysql.err.OperationalError(2003, "no server greeting within 5 s"), False),
+        (refused(2003, TimeoutError()), False),
         (pymysql.err.OperationalError(1045, "Access denied"), False),
         (pymysql.err.OperationalError(1049, "Unknown database"), False),
         (ValueError("bad ssl settings"), False),
     ],
 )
 def test_refusals_are_what_waiting_cures(error: BaseException, refused: bool) -> None:
+    """A full server, a blocked host and a refused socket connect; not a host that never
+    answers, nor errors that waiting does not cure."""
     assert is_refusal(error) is refused
 
 
