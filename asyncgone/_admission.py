@@ -16,7 +16,7 @@ thread and backs off; asyncgone does the same per engine:
 - a refusal for want of capacity (1040, 1203) also holds the engine's pool at the
   connections it has: QueuePool's overflow limit is lowered to them, so checkouts wait for a
   connection to come back (up to ``pool_timeout``) instead of asking the full server for
-  more; after ``2 * connect_backoff_max`` seconds without such a refusal the limit rises by
+  more; after ``5 * connect_backoff_max`` seconds without such a refusal the limit rises by
   one, and so on up to ``max_overflow`` (additive increase, as TCP's congestion control);
   a refusal after a raise doubles that wait, up to a minute;
 - ``Database.run()`` tries again by itself, through the pool: for it a refusal for want of
@@ -83,7 +83,9 @@ _CAPACITY_CODES = frozenset({1040, 1203})
 # Refusals the server sends itself (the others are the socket's).
 _SERVER_REFUSALS = frozenset({1040, 1129, 1203})
 
-# The longest hold, in seconds, between two raises of a held pool's overflow limit.
+# A held pool's overflow limit rises by one after this many backoff_max of no refusal, and
+# after a minute at most.
+_HOLD_STEPS = 5
 _HOLD_MAX = 60.0
 
 # The first backoff after a refusal, in seconds; it doubles with every refusal in a row,
@@ -211,8 +213,8 @@ class Admission:
         # The loop the timer runs on, weakly: a closed loop must not stay in memory.
         self._timer_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None
         # Seconds without a refusal before the limit rises by one: doubled when a refusal
-        # follows a raise (the server is still full), back to 2 * backoff_max once restored.
-        self._hold_for = 2 * backoff_max
+        # follows a raise (the server is still full), back to the first once restored.
+        self._hold_for = _HOLD_STEPS * backoff_max
         self._probing = False
 
     def watch(self, engine: Engine) -> None:
@@ -346,7 +348,7 @@ class Admission:
         if limit >= self._configured_overflow:
             _compat.set_max_overflow(pool, self._configured_overflow)
             self._overflow_limit = None
-            self._hold_for = 2 * self.backoff_max
+            self._hold_for = _HOLD_STEPS * self.backoff_max
             log.info("the server takes connections again: max_overflow is back to its value")
             return
         _compat.set_max_overflow(pool, limit)

@@ -103,9 +103,9 @@ def set_max_overflow(pool: QueuePool, value: int) -> bool:
     """Change the pool's ``max_overflow`` to ``value`` (at least 0) while it runs; False when
     the pool keeps no such limit (then nothing changes).
 
-    QueuePool reads ``_max_overflow`` at every checkout that finds no idle connection (a
-    connection beyond it waits for one to be returned, up to ``pool_timeout``) and at every
-    return (one beyond it is closed); ``recreate()`` copies it to the new pool.
+    QueuePool reads ``_max_overflow`` at every checkout that finds no idle connection: at
+    the limit, the checkout waits for one to be returned (up to ``pool_timeout``) instead of
+    opening one. Connections already open stay; ``recreate()`` copies the value.
     """
     if max_overflow(pool) is None or value < 0:
         return False

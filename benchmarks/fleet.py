@@ -8,9 +8,10 @@ Each run starts a disposable MariaDB server with ``max_connections=28`` and an a
 account without administrative privileges (so without the connection MariaDB keeps for
 ``SUPER``/``CONNECTION ADMIN``), then six worker processes, each a
 ``Database(pool_size=4, max_overflow=2)`` whose eight tasks run short units of work through
-``Database.run()``: the pools (24) fit, not every overflow (36 in all). Once the fleet is warm
-the server is killed with SIGKILL and started again under load; the workers keep going for a
-while and then report.
+``Database.run()``: the pools (24) fit, not every overflow (36 in all). The load starts once
+every process has started (``--staggered``: as soon as each has, so the last ones start
+against a server the first ones already fill). Once the fleet is warm the server is killed
+with SIGKILL and started again under load; the workers keep going for a while and report.
 
 Figures, per run: units completed and failed, processes that gave up; refusals counted by
 the server (``Connection_errors_max_connections``, before authentication, plus
@@ -63,6 +64,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _work(url: str, mode: str, stop: Path) -> dict[str, Any]:
+    go = stop.with_name("go")
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -86,6 +88,9 @@ async def _work(url: str, mode: str, stop: Path) -> dict[str, Any]:
     result["started"] = True
     stopping = asyncio.Event()
     print("ready", flush=True)
+    # The load starts when the whole fleet is up; polling is the point (another process).
+    while not await asyncio.to_thread(go.exists):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
 
     async def complete(name: str) -> None:
         """Run one unit to completion: a lost COMMIT is checked, as the docs advise."""
@@ -165,7 +170,12 @@ def _status(server: Any) -> dict[str, int]:
 
 
 def run_fleet(
-    driver: str, mode: str, *, processes: int = PROCESSES, max_connections: int = MAX_CONNECTIONS
+    driver: str,
+    mode: str,
+    *,
+    processes: int = PROCESSES,
+    max_connections: int = MAX_CONNECTIONS,
+    staggered: bool = False,
 ) -> dict[str, Any]:
     """Run one fleet through a crash; return its figures (see the module docstring)."""
     from asyncgone.testing import MariaDBServer
@@ -177,6 +187,8 @@ def run_fleet(
         server.query("CREATE TABLE test.fleet (unit VARCHAR(40) PRIMARY KEY)")
         url = f"mysql+{driver}://app@{server.host}:{server.port}/test"
         stop = Path(tmp) / "stop"
+        if staggered:  # each process starts its load as soon as it has started
+            stop.with_name("go").touch()
         command = [sys.executable, __file__, "--worker", url, "--mode", mode, "--stop", str(stop)]
         workers = [
             subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)
@@ -186,6 +198,7 @@ def run_fleet(
             for proc in workers:  # each says "ready" once started (or reports, having failed)
                 assert proc.stdout is not None
                 firsts.append(proc.stdout.readline())
+            stop.with_name("go").touch()
             time.sleep(WARM)
             before = _status(server)
             server.kill()
@@ -219,6 +232,7 @@ def run_fleet(
         "mode": mode,
         "processes": processes,
         "max_connections": max_connections,
+        "staggered": staggered,
         "restart_s": round(restarted - crashed, 1),
         "units_done": sum(r["done"] for r in results),
         "units_failed": len(failures),
@@ -256,6 +270,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=PROCESSES)
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    parser.add_argument(
+        "--staggered",
+        action="store_true",
+        help="each process starts its load once it has started, not once all have",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--stop", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,7 +284,11 @@ def main() -> None:
     for driver in args.driver or ("aiomysql", "asyncmy"):
         for mode in args.mode or ("nocap", "cap"):
             figures = run_fleet(
-                driver, mode, processes=args.processes, max_connections=args.max_connections
+                driver,
+                mode,
+                processes=args.processes,
+                max_connections=args.max_connections,
+                staggered=args.staggered,
             )
             if args.json:
                 print(json.dumps(figures), flush=True)

@@ -200,7 +200,7 @@ async def test_a_full_server_holds_the_pools_overflow(
                         await second.execute(text("SELECT 1"))
                         assert _compat.max_overflow(pool) == 0
             assert asyncgone.stats(engine).connects_refused >= 1
-        # No refusal since: the limit rises by one every 2 * connect_backoff_max seconds.
+        # No refusal since: the limit rises by one every 5 * connect_backoff_max seconds.
         await wait_until(lambda: _compat.max_overflow(pool) == 3, limit=10)
     finally:
         await engine.dispose()
