@@ -74,7 +74,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTING = 2
 
 #: How long a connect keeps trying after the server refused it (1040 too many connections,
-#: 1203 ``max_user_connections``, 1129 host blocked, 2002/2003 nothing listening):
+#: 1203 ``max_user_connections``, 1129 host blocked) or nothing listened (a refused socket
+#: connect, 2002/2003):
 #: ``"pool_timeout"`` is the pool's own ``pool_timeout`` (SQLAlchemy's default: 30 s), the
 #: time a checkout may wait for a connection anyway. A caller's cancel scope, and the
 #: deadline of ``Database.run()``, end it earlier.
@@ -167,7 +168,8 @@ class EngineOptions:
     - ``max_connecting``: connection attempts in flight at once per engine (default 2), or
       ``None`` for no cap.
     - ``connect_retry``: seconds a connect keeps retrying, with a backoff, after the server
-      refused it (1040, 1203, 1129, 2002/2003); ``"pool_timeout"`` (default) uses the
+      refused it (1040, 1203, 1129) or nothing listened (2002/2003, a refused socket
+      connect); ``"pool_timeout"`` (default) uses the
       pool's ``pool_timeout``; ``None`` or ``0`` raises the first refusal.
     - ``connect_backoff_max``: the longest pause between two refused attempts, in seconds
       (default 2).
