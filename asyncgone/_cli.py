@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL
 from . import __version__
 from ._config import DEFAULT_CONNECT_TIMEOUT
 from ._errors import ConfigurationError, describe, error_code
+from ._fleet import add_fleet_arguments, fleet_of
 from ._url import ENV_VAR, mask, resolve_url
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds per step"
     )
+    add_fleet_arguments(doctor)
     demo = commands.add_parser(
         "demo",
         help="plain SQLAlchemy and asyncgone through the same faults, side by side",
@@ -197,11 +199,14 @@ def _quiet_handshake_failures() -> None:
 
 async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     from ._doctor import examine, tls_summary
+    from ._fleet import fleet_summary
 
     _quiet_handshake_failures()
     url = resolve_url(args.url)
     try:
-        report = await examine(url, args.timeout)
+        report = await examine(url, args.timeout, fleet_of(args))
+    except ConfigurationError:
+        raise
     except Exception as exc:
         return _connect_failure(url, exc, args.timeout)
     if args.json:
@@ -255,6 +260,8 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         "ping after",
         f"{derived['ping_after_s']:g} s idle; max lifetime {derived['max_lifetime_s']:g} s",
     )
+    if report.fleet is not None:
+        show("fleet", fleet_summary(report.fleet))
     print("advice:", file=out)
     # Wrapped as argparse wraps help (two columns short of the terminal, 80 when not a
     # terminal); a long token such as a URL stays whole. The JSON keeps each one line.

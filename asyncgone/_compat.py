@@ -49,6 +49,7 @@ __all__ = [
     "reconnect",
     "returning_to_pool",
     "scope_will_redeliver",
+    "set_max_overflow",
     "statement_done",
     "statement_running",
     "take_idle",
@@ -109,6 +110,20 @@ def max_overflow(pool: QueuePool) -> int | None:
     """
     overflow = getattr(pool, "_max_overflow", None)
     return overflow if isinstance(overflow, int) and overflow >= 0 else None
+
+
+def set_max_overflow(pool: QueuePool, value: int) -> bool:
+    """Change the pool's ``max_overflow`` to ``value`` (at least 0) while it runs; False when
+    the pool keeps no such limit (then nothing changes).
+
+    QueuePool reads ``_max_overflow`` at every checkout that finds no idle connection: at
+    the limit, the checkout waits for one to be returned (up to ``pool_timeout``) instead of
+    opening one. Connections already open stay; ``recreate()`` copies the value.
+    """
+    if max_overflow(pool) is None or value < 0:
+        return False
+    pool._max_overflow = value
+    return True
 
 
 def idle_records(pool: QueuePool) -> list[ConnectionPoolEntry]:

@@ -8,6 +8,7 @@ Usage, one line per case::
     EngineOptions(ping_after=None)                   # never ping; socket checks only
     EngineOptions(tcp_keepalive=None)                # leave the kernel's TCP settings alone
     EngineOptions(tcp_keepalive=TCPKeepalive(idle=60, interval=10, count=6, user_timeout=120))
+    EngineOptions(max_connecting=None, connect_retry=None)  # no connect cap, no retries
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from ._errors import ConfigurationError
 from ._hosts import TargetRole, check_target_role
 
 __all__ = [
+    "DEFAULT_CONNECT_BACKOFF_MAX",
+    "DEFAULT_CONNECT_RETRY",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_MAX_CONNECTING",
     "DEFAULT_MAX_LIFETIME",
     "DEFAULT_NETWORK_IDLE_LIMIT",
     "DEFAULT_PING_AFTER",
@@ -64,6 +68,23 @@ DEFAULT_PING_TIMEOUT = 3.0
 
 #: Bound on opening a connection, so an unreachable host fails in seconds.
 DEFAULT_CONNECT_TIMEOUT = 5.0
+
+#: Connection attempts one engine has in flight at most; the others wait for a slot. A pool
+#: refilling after a restart then asks the server for two connections at a time, not for
+#: all of them at once (HikariCP opens one at a time). ``None`` removes the cap.
+DEFAULT_MAX_CONNECTING = 2
+
+#: How long a connect keeps trying after the server refused it (1040 too many connections,
+#: 1203 ``max_user_connections``, 1129 host blocked) or nothing listened (a refused socket
+#: connect, 2002/2003):
+#: ``"pool_timeout"`` is the pool's own ``pool_timeout`` (SQLAlchemy's default: 30 s), the
+#: time a checkout may wait for a connection anyway. A caller's cancel scope, and the
+#: deadline of ``Database.run()``, end it earlier.
+DEFAULT_CONNECT_RETRY: Literal["pool_timeout"] = "pool_timeout"
+
+#: The longest pause, in seconds, between two connect attempts of an engine the server keeps
+#: refusing; the pauses start at 0.1 s and double with each refusal in a row, jittered.
+DEFAULT_CONNECT_BACKOFF_MAX = 2.0
 
 #: Pause on a flow after which load balancers, NAT gateways and firewalls may forget it
 #: silently: Azure's load balancer after 4 minutes, AWS NLB after 350 s, GCP after 10
@@ -152,6 +173,15 @@ class EngineOptions:
     - ``host_search_timeout``: seconds the search for a fitting host may take in all, for a
       multi-host URL or a ``target_role``; ``None`` (the default) gives every host one full
       attempt (``connect_timeout`` plus ``ping_timeout`` each).
+    - ``max_connecting``: connection attempts in flight at once per engine (default 2), or
+      ``None`` for no cap.
+    - ``connect_retry``: seconds a connect keeps retrying, with a backoff, after the server
+      refused it (1040, 1203, 1129) or nothing listened (2002/2003, a refused socket
+      connect, retried only once the engine has reached its server: before, it is more
+      likely a wrong port, raised at once); ``"pool_timeout"`` (default) uses the pool's
+      ``pool_timeout``; ``None`` or ``0`` raises the first refusal.
+    - ``connect_backoff_max``: the longest pause between two refused attempts, in seconds
+      (default 2).
     """
 
     recycle: float | Literal["auto"] | None = DEFAULT_RECYCLE
@@ -167,6 +197,9 @@ class EngineOptions:
     leak_threshold: float | None = None
     target_role: TargetRole | None = None
     host_search_timeout: float | None = None
+    max_connecting: int | None = DEFAULT_MAX_CONNECTING
+    connect_retry: float | Literal["pool_timeout"] | None = DEFAULT_CONNECT_RETRY
+    connect_backoff_max: float = DEFAULT_CONNECT_BACKOFF_MAX
 
     def __post_init__(self) -> None:
         recycle: object = self.recycle
@@ -198,6 +231,17 @@ class EngineOptions:
             check_target_role(self.target_role)
         if self.host_search_timeout is not None:
             _seconds("host_search_timeout", self.host_search_timeout)
+        if self.max_connecting is not None:
+            check_count("max_connecting", self.max_connecting, minimum=1)
+        retry: object = self.connect_retry
+        if retry != "pool_timeout" and retry is not None:
+            if isinstance(retry, str):
+                raise ConfigurationError(
+                    f"connect_retry must be 'pool_timeout', a number of seconds or None, "
+                    f"got {retry!r}"
+                )
+            _seconds("connect_retry", retry, allow_zero=True)
+        _seconds("connect_backoff_max", self.connect_backoff_max)
         if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
             raise ConfigurationError(
                 f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "

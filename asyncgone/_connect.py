@@ -44,7 +44,7 @@ class ConnectSetup:
         self._state = state
         self._dbapi = dbapi
         self._read_facts = True
-        self._connector = connector_for(state.driver, state.connect_timeout)
+        self._connector = connector_for(state.driver, state.connect_timeout, state.admission)
         if state.search is not None and self._connector is not None:
             # Several hosts, or a role to check: each connection searches for its server.
             self._connector = state.search.wrap(self._connector)

@@ -12,25 +12,38 @@ closes the half-open socket on a timeout or a cancellation, and raises the drive
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._drivers import DriverSupport, connect_error, new_connection
 from ._waits import bounded
+
+if TYPE_CHECKING:
+    from ._admission import Admission
 
 __all__ = ["Connector", "connector_for"]
 
 Connector = Callable[..., Awaitable[Any]]
 
 
-def connector_for(driver: DriverSupport, timeout: float) -> Connector | None:
+def connector_for(
+    driver: DriverSupport, timeout: float, admission: Admission | None = None
+) -> Connector | None:
     """Return ``connect(**kwargs)`` for this driver, bounded by ``timeout`` seconds, or None
-    for a dialect whose driver asyncgone does not know (its own connect is used then)."""
+    for a dialect whose driver asyncgone does not know (its own connect is used then).
+
+    With an ``admission`` (``_admission``), each attempt waits for its turn and refusals are
+    retried after a backoff."""
     if not driver.known:
         return None
     name = driver.name
     error = connect_error(name)
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
+        if admission is not None:
+            return await admission.connect(lambda: open_one(*args, **kwargs))
+        return await open_one(*args, **kwargs)
+
+    async def open_one(*args: Any, **kwargs: Any) -> Any:
         conn, opening = new_connection(name, *args, **kwargs)
         try:
             await bounded(opening, timeout)

@@ -192,7 +192,9 @@ class Database:
         return self._engine
 
     async def start(self) -> Database:
-        """Create the engine and check that the server answers; return self."""
+        """Create the engine and check that the server answers; return self. A full server
+        (1040, 1203) is tried again with a backoff (``connect_retry``) for up to
+        ``connect_timeout + ping_timeout`` s; then ``DatabaseUnavailable`` names the error."""
         if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
         if self._lifecycle is _Lifecycle.STARTED:

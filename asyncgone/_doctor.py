@@ -17,6 +17,7 @@ from . import _drivers, _statements
 from ._config import DEFAULT_MAX_LIFETIME, DEFAULT_NETWORK_IDLE_LIMIT, DEFAULT_PING_AFTER
 from ._doctor_hosts import examine_hosts
 from ._engine import create_engine
+from ._fleet import fleet_budget, read_limits
 from ._server import auto_idle_limit
 from ._state import state_of
 from ._url import mask, resolve_url
@@ -37,6 +38,7 @@ _VARIABLES = (
     ("max_connections", "@@max_connections"),
     ("read_only", "@@global.read_only"),
 )
+_NOTHING = "Nothing to change: asyncgone's defaults fit this server."
 _PINGS = 5
 _SLEEPERS = 10
 # URL query keys that ask the driver for TLS (SQLAlchemy's MySQL dialects gather them into
@@ -67,19 +69,23 @@ class Report:
     derived: dict[str, float]
     advice: list[str]
     hosts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fleet: dict[str, Any] | None = None  # with --processes: see _fleet
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-async def examine(url: str | URL, timeout: float) -> Report:
+async def examine(url: str | URL, timeout: float, fleet: dict[str, int] | None = None) -> Report:
     """Connect once, read the server's limits and the connection's encryption, time a few
-    pings, and advise."""
+    pings, and advise; with ``fleet`` (``processes``, ``pool_size``, ``max_overflow``), also
+    on what that fleet may open against the server's connection limits."""
     parsed = resolve_url(url)
     several = "host" in parsed.query
     # A multi-host URL: the first host that answers is examined, whatever its role.
     roles = {"target_role": "any"} if several else {}
-    engine = create_engine(url, poolclass=NullPool, connect_timeout=timeout, **roles)
+    engine = create_engine(
+        url, poolclass=NullPool, connect_timeout=timeout, connect_retry=None, **roles
+    )
     state = state_of(engine)
     try:
         async with engine.connect() as conn:
@@ -124,6 +130,7 @@ async def examine(url: str | URL, timeout: float) -> Report:
                 {"id": r.ID, "user": r.USER, "host": r.HOST, "db": r.DB, "idle_s": int(r.TIME)}
                 for r in sleepers
             ]
+            limits = None if fleet is None else await read_limits(conn, timeout)
         hosts = await examine_hosts(state, timeout) if several and state else []
     finally:
         await engine.dispose()
@@ -136,6 +143,12 @@ async def examine(url: str | URL, timeout: float) -> Report:
         "max_lifetime_s": DEFAULT_MAX_LIFETIME,
     }
     round_trip = statistics.median(rtts)
+    figures: dict[str, Any] | None = None
+    fleet_advice: list[str] = []
+    if fleet is not None and limits is not None:
+        figures, fleet_advice = fleet_budget(
+            {**server, **limits[0]}, **fleet, others=threads_connected - 1, admin=limits[1]
+        )
     return Report(
         target=mask(url),
         server=server,
@@ -147,9 +160,15 @@ async def examine(url: str | URL, timeout: float) -> Report:
         derived=derived,
         advice=[
             *_advise_tls(tls, network, asked=asks_for_tls(url)),
-            *_advise(server, derived, round_trip, threads_connected, sleeping),
+            *[
+                line
+                for line in _advise(server, derived, round_trip, threads_connected, sleeping)
+                if not (fleet_advice and line == _NOTHING)
+            ],
+            *fleet_advice,
         ],
         hosts=hosts,
+        fleet=figures,
     )
 
 
@@ -325,5 +344,5 @@ def _advise(
             f"new connections will soon fail with 1040. Check the pool sizes of every client."
         )
     if not advice:
-        advice.append("Nothing to change: asyncgone's defaults fit this server.")
+        advice.append(_NOTHING)
     return advice

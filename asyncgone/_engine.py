@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._admission import admission_for
 from ._cancel import StatementKiller
 from ._checkout import CheckoutCheck
 from ._closing import guard_closing
@@ -62,6 +63,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
             ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
             ``leak_threshold``, ``target_role``, ``host_search_timeout``: see
             ``EngineOptions``) and anything
+            ``leak_threshold``, ``max_connecting``, ``connect_retry``,
+            ``connect_backoff_max``: see ``EngineOptions``) and anything
             ``create_async_engine`` takes. ``pool_pre_ping=True`` means ``ping_after=0``
             (a bounded ping at each checkout of a reused connection, after the socket
             check); ``pool_reset_on_return`` keeps its meaning.
@@ -108,6 +111,9 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     if state.search is not None:
         # For connections outside the pool to each host (the replica monitor, doctor).
         state.search.params = {**dialect.create_connect_args(resolved)[1], **connect_args}
+    state.admission = admission_for(options, sa_kwargs.get("pool_timeout"), state.counters, driver)
+    if state.admission is not None and state.search is not None:
+        state.admission.retry_refused_sockets = False  # the search tries the other hosts
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)
@@ -120,6 +126,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         state.killer.install(sync)
     if options.leak_threshold is not None:
         LeakDetection(state, options.leak_threshold).install(sync)
+    if state.admission is not None:
+        state.admission.watch(sync)
     attach(sync, state)
     return engine
 

@@ -207,9 +207,10 @@ def disconnect_scope(exc: BaseException) -> Scope | None:
 
 
 # Errors opening a connection that a server coming back, a failover or a busy server clear
-# up by themselves: too many connections, shutdown in progress, can't connect, unknown host
-# (DNS during a failover), lost at handshake. Access denied or an unknown database are not.
-_UNAVAILABLE_CODES = frozenset({1040, 1053, 2002, 2003, 2005, 2006, 2013, 2055})
+# up by themselves: too many connections (1040, and 1203 for max_user_connections), host
+# blocked (1129: until FLUSH HOSTS), shutdown in progress, can't connect, unknown host (DNS
+# during a failover), lost at handshake. Access denied or an unknown database are not.
+_UNAVAILABLE_CODES = frozenset({1040, 1053, 1129, 1203, 2002, 2003, 2005, 2006, 2013, 2055})
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -63,6 +63,16 @@ BUCKETS = (
 #: Prometheus exporter makes of it.
 COUNTERS = {
     "connects": ("asyncgone.connections.opened", "{connection}", "Connections opened."),
+    "connect_attempts": (
+        "asyncgone.connections.attempts",
+        "{attempt}",
+        "Connection attempts started, refused ones included.",
+    ),
+    "connects_refused": (
+        "asyncgone.connections.refused",
+        "{attempt}",
+        "Connection attempts refused for want of server capacity, retried after a backoff.",
+    ),
     "checkouts": ("asyncgone.checkouts", "{checkout}", "Connections handed out by the pool."),
     "checks": ("asyncgone.checks", "{check}", "Reused connections checked at checkout."),
     "pings": ("asyncgone.pings", "{ping}", "COM_PING round trips asyncgone sent."),

@@ -19,6 +19,7 @@ from typing import NoReturn, TypeVar
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ._admission import connect_deadline
 from ._config import RunOptions
 from ._errors import (
     CommitOutcomeUnknown,
@@ -67,7 +68,10 @@ async def run_unit(
         work_commits = (0, 0)
         try:
             async with open_scope() as session:
-                await session.connection()  # a working connection, or an error here
+                # A working connection, or an error here; a connect the server refuses is
+                # retried (_admission) no later than this run's own deadline.
+                with connect_deadline(give_up_at):
+                    await session.connection()
                 connected = True
                 try:
                     return await work(session)

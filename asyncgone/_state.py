@@ -30,6 +30,7 @@ from ._errors import ConfigurationError
 from ._stats import Counters, Stats
 
 if TYPE_CHECKING:
+    from ._admission import Admission
     from ._cancel import StatementKiller
     from ._drivers import CursorCount, DriverSupport
     from ._search import HostSearch
@@ -203,6 +204,8 @@ class EngineState:
         # Called with the DBAPI connection right after each COMMIT (in SQLAlchemy's
         # greenlet): read-your-writes reads the commit's GTID there (_causal).
         self.after_commit: Callable[[Any], None] | None = None
+        # Who may open a connection when (_admission); None: every connect at once.
+        self.admission: Admission | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed

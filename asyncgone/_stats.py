@@ -33,6 +33,8 @@ class Counters:
     """Mutable counters one engine's listeners update; read them through ``stats()``."""
 
     connects: int = 0
+    connect_attempts: int = 0
+    connects_refused: int = 0
     checkouts: int = 0
     checks: int = 0
     pings: int = 0
@@ -66,6 +68,11 @@ class Stats:
     """What asyncgone did on one engine since it was created.
 
     - ``connects``: connections opened.
+    - ``connect_attempts``: connection attempts started through the connect admission
+      (``max_connecting``, ``connect_retry``), refused ones included.
+    - ``connects_refused``: attempts the server refused for want of capacity (1040, 1203,
+      1129) or did not accept at all (2002, 2003), each retried after a backoff while the
+      caller's deadline allowed.
     - ``checkouts``: connections handed out by the pool.
     - ``checks``: checkouts of a reused connection, each checked before use (a connection
       opened for its checkout needs none).
@@ -94,6 +101,8 @@ class Stats:
     """
 
     connects: int
+    connect_attempts: int
+    connects_refused: int
     checkouts: int
     checks: int
     pings: int

@@ -103,7 +103,8 @@ def _probe(url: str) -> None:
     loops may not exist yet, and must not see this connection)."""
 
     async def probe() -> None:
-        engine = create_engine(url, connect_timeout=_PROBE_TIMEOUT)
+        # One attempt: a database that is not there is reported now, not after retries.
+        engine = create_engine(url, connect_timeout=_PROBE_TIMEOUT, connect_retry=None)
         try:
             async with engine.connect():
                 pass

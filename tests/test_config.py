@@ -19,6 +19,9 @@ def test_defaults_are_the_named_constants() -> None:
     assert options.ping_timeout == asyncgone.DEFAULT_PING_TIMEOUT
     assert options.connect_timeout == asyncgone.DEFAULT_CONNECT_TIMEOUT
     assert options.tcp_keepalive == asyncgone.DEFAULT_TCP_KEEPALIVE
+    assert options.max_connecting == asyncgone.DEFAULT_MAX_CONNECTING == 2
+    assert options.connect_retry == asyncgone.DEFAULT_CONNECT_RETRY == "pool_timeout"
+    assert options.connect_backoff_max == asyncgone.DEFAULT_CONNECT_BACKOFF_MAX
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,14 @@ def test_defaults_are_the_named_constants() -> None:
         ({"recycle": -10}, "recycle must be a finite number of seconds more than zero"),
         ({"max_lifetime": 0}, "max_lifetime must be a finite number of seconds more than zero"),
         ({"tcp_keepalive": True}, "tcp_keepalive must be an asyncgone.TCPKeepalive or None"),
+        ({"max_connecting": 0}, "max_connecting must be a whole number of at least 1, got 0"),
+        ({"max_connecting": 1.5}, "max_connecting must be a whole number of at least 1"),
+        ({"max_connecting": True}, "max_connecting must be a whole number of at least 1"),
+        ({"connect_retry": "forever"}, "connect_retry must be 'pool_timeout', a number of"),
+        ({"connect_retry": -1}, "connect_retry must be a finite number of seconds zero or more"),
+        ({"connect_retry": math.inf}, "connect_retry must be a finite number of seconds"),
+        ({"connect_backoff_max": 0}, "connect_backoff_max must be a finite number of seconds"),
+        ({"connect_backoff_max": "2"}, "connect_backoff_max must be a number of seconds"),
     ],
 )
 def test_bad_option_values_are_refused(kwargs: dict[str, object], message: str) -> None:
@@ -119,3 +130,11 @@ def test_pool_pre_ping_means_a_bounded_ping_at_every_checkout() -> None:
         asyncgone.create_engine(url, pool_pre_ping=True, ping_after=5)
     with pytest.raises(ConfigurationError, match="pool_pre_ping must be True or False"):
         asyncgone.create_engine(url, pool_pre_ping="yes")
+
+
+def test_connect_admission_accepts_its_documented_values() -> None:
+    """No cap, no retry, a fixed retry window and a zero retry are all valid."""
+    assert EngineOptions(max_connecting=None).max_connecting is None
+    assert EngineOptions(connect_retry=None).connect_retry is None
+    assert EngineOptions(connect_retry=0).connect_retry == 0
+    assert EngineOptions(connect_retry=12.5, connect_backoff_max=0.5).connect_retry == 12.5

@@ -51,14 +51,19 @@ async def test_null_pool_works_without_checks(url: str) -> None:
 
 
 async def test_refused_connection_fails_fast_with_2003(driver: str) -> None:
-    """Nothing listens on the port: a clear 2003 error in well under connect_timeout."""
-    engine = asyncgone.create_engine(f"mysql+{driver}://root:s3cret@127.0.0.1:1/test")
+    """Nothing listens on a port this engine never reached (a wrong port, not a restart): a
+    clear 2003 error at once, although refused connects are retried after a restart."""
+    engine = asyncgone.create_engine(
+        f"mysql+{driver}://root:s3cret@127.0.0.1:1/test", connect_retry=10.0
+    )
     try:
         started = time.monotonic()
         with pytest.raises(sa_exc.OperationalError, match="2003") as info:
             await connection_id(engine)
         assert time.monotonic() - started < asyncgone.DEFAULT_CONNECT_TIMEOUT
         assert "s3cret" not in str(info.value)
+        stats = asyncgone.stats(engine)
+        assert (stats.connect_attempts, stats.connects_refused) == (1, 0)
     finally:
         await engine.dispose()
 

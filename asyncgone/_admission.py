@@ -1,0 +1,408 @@
+"""Admission of new connections: few attempts in flight, and a backoff when the server refuses.
+
+A fleet of processes whose pools all reconnect at the same instant (a restart, a failover)
+can ask a server for more connections than it takes: it answers 1040 (too many
+connections), 1203 (``max_user_connections``), or does not listen yet (2002/2003, a refused
+TCP connect). Every refusal handed to the caller is a user-visible error, and every attempt
+repeated at once makes the storm worse. HikariCP opens connections one at a time from one
+thread and backs off; asyncgone does the same per engine:
+
+- at most ``max_connecting`` connection attempts are in flight at once (the others wait for
+  a slot, in order);
+- a refused attempt is tried again after a jittered exponential backoff, which every attempt
+  of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
+  seconds; refusals more than ``2 * connect_backoff_max`` apart start from the smallest
+  pause again;
+- a refusal for want of capacity (1040, 1203) also holds the engine's pool at the
+  connections it has: QueuePool's overflow limit is lowered to them, so checkouts wait for a
+  connection to come back (up to ``pool_timeout``) instead of asking the full server for
+  more; after ``5 * connect_backoff_max`` seconds without such a refusal the limit rises by
+  one, and so on up to ``max_overflow`` (additive increase, as TCP's congestion control);
+  a refusal after a raise doubles that wait, up to a minute;
+- ``Database.run()`` tries again by itself, through the pool: for it a refusal for want of
+  capacity, while the engine holds other connections, is raised at once, and its next try
+  waits for one of them to come back (the overflow being held) instead of asking again;
+- otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
+  after it began (by default the pool's ``pool_timeout``), the deadline of its anyio cancel
+  scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
+  ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
+  the caller gets the server's last refusal, as it would have without asyncgone.
+
+Errors that retrying cannot cure (access denied, unknown database, TLS failures) are raised
+at once, and so is a refused socket connect before the engine ever reached its server (a
+wrong host or port, more likely than a restart) or on a multi-host engine (whose host
+search tries the next host instead). Nothing here runs for a connection that is already
+open: checkouts pay nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import logging
+import math
+import random
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import anyio
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+
+from . import _compat
+from ._config import EngineOptions
+from ._drivers import DriverSupport, connect_error
+from ._errors import error_code
+from ._stats import Counters
+
+__all__ = [
+    "REFUSAL_CODES",
+    "Admission",
+    "admission_for",
+    "connect_deadline",
+    "is_refusal",
+]
+
+log = logging.getLogger("asyncgone")
+
+_T = TypeVar("_T")
+
+#: Connect errors the server (or its host) clears by itself, and that repeating at once
+#: only makes worse: too many connections (1040), ``max_user_connections`` reached (1203),
+#: host blocked after too many connection errors (1129, until ``FLUSH HOSTS`` or
+#: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
+#: socket, 2003 on TCP, each with the refused connect chained: a server starting or
+#: restarting).
+REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
+
+# Refusals that mean the server is full (not down): too many connections, and the account's
+# max_user_connections.
+_CAPACITY_CODES = frozenset({1040, 1203})
+
+# Refusals the server sends itself (the others are the socket's).
+_SERVER_REFUSALS = frozenset({1040, 1129, 1203})
+
+# A held pool's overflow limit rises by one after this many backoff_max of no refusal, and
+# after a minute at most.
+_HOLD_STEPS = 5
+_HOLD_MAX = 60.0
+
+# The first backoff after a refusal, in seconds; it doubles with every refusal in a row,
+# up to connect_backoff_max, and each delay is drawn between half of it and all of it.
+_BACKOFF_BASE = 0.1
+
+# SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
+_POOL_TIMEOUT = 30.0
+
+# The deadline a caller such as Database.run() puts on the connects it causes, as a
+# time.monotonic() value.
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "asyncgone_connect_deadline", default=math.inf
+)
+
+
+@contextlib.contextmanager
+def connect_deadline(when: float) -> Iterator[None]:
+    """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) at the
+    latest; for a caller (``Database.run()``) with a deadline of its own that is no cancel
+    scope, and that tries again by itself (see the module docstring)."""
+    token = _DEADLINE.set(min(when, _DEADLINE.get()))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Tell whether a failed connect is a refusal worth retrying after a backoff.
+
+    2002/2003 count only when the socket's connect was refused (the drivers chain the
+    ``ConnectionRefusedError``, or ``FileNotFoundError`` for a missing unix socket): a
+    server that is not listening yet. A host that does not answer, or a server that accepts
+    and never greets (``connect_timeout``), already cost the caller its time: not again.
+    """
+    code = error_code(exc)
+    if code in _SERVER_REFUSALS:
+        return True
+    if code not in (None, 2002, 2003) and not isinstance(exc, OSError):
+        return False
+    seen: BaseException | None = exc
+    for _ in range(5):  # the driver's error, then what it was raised from
+        if seen is None:
+            break
+        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _Slots:
+    """A first-come, first-served counting semaphore that works on any event loop.
+
+    A slot handed to a waiter that is cancelled at that moment is passed on, never lost.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():  # handed over just as the wait ended: pass it on
+                self.release()
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot goes straight to the next waiter
+        else:
+            self._free += 1
+
+
+class Admission:
+    """The connect admission of one engine; see the module docstring.
+
+    ``max_connecting`` None means no cap; ``retry_for`` is seconds (0: no retry);
+    ``backoff_max`` caps one backoff delay, in seconds; ``error`` is the driver's
+    ``OperationalError`` class, for a caller that never got a slot in time.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connecting: int | None,
+        retry_for: float,
+        backoff_max: float,
+        counters: Counters,
+        error: type[Exception],
+    ) -> None:
+        self.max_connecting = max_connecting
+        self.retry_for = retry_for
+        self.backoff_max = backoff_max
+        self._counters = counters
+        self._error = error
+        self._slots = None if max_connecting is None else _Slots(max_connecting)
+        self._not_before = -math.inf  # time.monotonic(): no attempt starts earlier
+        # Refusals in a row: each within 2 * backoff_max seconds of the one before.
+        self._streak = 0
+        self._last_refusal = -math.inf
+        self.in_flight = 0  # attempts running now
+        # A refused socket connect is retried only once the engine has reached its server
+        # (a restart, not a wrong port), and only when no host search tries other hosts.
+        self._reached = False
+        self.retry_refused_sockets = True
+        self._engine: Callable[[], Engine | None] = lambda: None
+        # While the pool is held (see the module docstring): its max_overflow as configured,
+        # the lowered limit, the last refusal for want of capacity, the timer that raises it.
+        self._configured_overflow = 0
+        self._overflow_limit: int | None = None
+        self._last_full = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        # The loop the timer runs on, weakly: a closed loop must not stay in memory.
+        self._timer_loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None
+        # Seconds without a refusal before the limit rises by one: doubled when a refusal
+        # follows a raise (the server is still full), back to the first once restored.
+        self._hold_for = _HOLD_STEPS * backoff_max
+        self._probing = False
+
+    def watch(self, engine: Engine) -> None:
+        """Hold this (sync) engine's pool when the server is full (weakly referenced)."""
+        self._engine = weakref.ref(engine)
+
+    def __repr__(self) -> str:
+        cap = "no cap" if self._slots is None else f"max_connecting={self.max_connecting}"
+        waiting = 0 if self._slots is None else self._slots.waiting
+        return f"<Admission {cap}, {waiting} waiting, backoff streak {self._streak}>"
+
+    def backoff(self) -> float:
+        """The delay after one more refusal: exponential in the streak, jittered."""
+        ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _deadline(self, now: float) -> float:
+        """The latest moment this caller's connect may try: the retry window, the caller's
+        cancel scope, a deadline set with ``connect_deadline``."""
+        until = min(now + self.retry_for, _DEADLINE.get())
+        scope = anyio.current_effective_deadline()
+        if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
+            until = min(until, now + (scope - anyio.current_time()))
+        return until
+
+    async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
+        module docstring) and return the connection, or raise the last error."""
+        counters = self._counters
+        until = self._deadline(time.monotonic())
+        while True:
+            await self._acquire(until)
+            try:
+                # The engine may have backed off while this caller waited for its slot.
+                pause = min(self._not_before, until) - time.monotonic()
+                if pause > 0:
+                    await anyio.sleep(pause)
+                counters.connect_attempts += 1
+                self.in_flight += 1
+                try:
+                    connection = await attempt()
+                except Exception as exc:
+                    if not is_refusal(exc):
+                        raise
+                    if error_code(exc) not in _SERVER_REFUSALS and not (
+                        self._reached and self.retry_refused_sockets
+                    ):
+                        # Nothing listens: before this engine ever reached its server, more
+                        # likely a wrong host or port than a restart; with several hosts,
+                        # the host search tries the next one instead.
+                        raise
+                    counters.connects_refused += 1
+                    delay = self._refused()
+                    if error_code(exc) in _CAPACITY_CODES:
+                        self._hold_overflow()
+                        if _DEADLINE.get() < math.inf and self._others_held():
+                            raise  # Database.run() tries again, through the held pool
+                    elif self._overflow_limit is not None:
+                        self._last_full = time.monotonic()  # still refusing: keep holding
+                    if time.monotonic() + delay >= until:
+                        raise
+                    continue  # the slot is released first, then the backoff is awaited
+                finally:
+                    self.in_flight -= 1
+                self._reached = True
+                return connection
+            finally:
+                if self._slots is not None:
+                    self._slots.release()
+
+    def _refused(self) -> float:
+        """Note a refusal; push the engine's next attempt back; return the delay."""
+        now = time.monotonic()
+        if now - self._last_refusal > 2 * self.backoff_max:
+            self._streak = 0  # the last refusals are long past: start small again
+        self._last_refusal = now
+        delay = self.backoff()
+        self._streak += 1
+        self._not_before = max(self._not_before, time.monotonic() + delay)
+        return delay
+
+    def _pool(self) -> QueuePool | None:
+        engine = self._engine()
+        pool = None if engine is None else engine.pool
+        return pool if isinstance(pool, QueuePool) else None
+
+    def _others_held(self) -> bool:
+        """Whether the pool has connections besides the one being opened (idle, in use,
+        or being opened by other callers)."""
+        pool = self._pool()
+        return pool is not None and pool.checkedin() + pool.checkedout() > 1
+
+    def _hold_overflow(self) -> None:
+        """Keep the pool at the connections it has (less the one refused), for a while."""
+        self._last_full = time.monotonic()
+        pool = self._pool()
+        configured = None if pool is None else _compat.max_overflow(pool)
+        if pool is None or configured is None:
+            return
+        if self._overflow_limit is None:
+            self._configured_overflow = configured
+        limit = min(configured, max(0, pool.overflow() - 1))
+        if self._overflow_limit is not None:
+            if self._probing:  # the limit was raised, and the server is still full
+                self._hold_for = min(self._hold_for * 2, _HOLD_MAX)
+                self._probing = False
+            if limit >= self._overflow_limit:
+                return
+        if not _compat.set_max_overflow(pool, limit):
+            return
+        if self._overflow_limit is None:
+            log.info(
+                "the server refused a connection for want of capacity: this engine opens no "
+                "connection beyond the %d overflow it has until the server takes more",
+                limit,
+            )
+        self._overflow_limit = limit
+        if self._timer is None or self._timer_loop() is not asyncio.get_running_loop():
+            self._schedule()  # none yet, or one on a loop that is gone
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._hold_for, self._raise_overflow)
+        self._timer_loop = weakref.ref(loop)
+
+    def _raise_overflow(self) -> None:
+        """One more overflow connection once the server went a while without refusing."""
+        self._timer = None
+        limit = self._overflow_limit
+        pool = self._pool()
+        if limit is None or pool is None:
+            self._overflow_limit = None
+            return
+        if time.monotonic() - self._last_full >= self._hold_for:
+            limit += 1
+            self._probing = True
+        if limit >= self._configured_overflow:
+            _compat.set_max_overflow(pool, self._configured_overflow)
+            self._overflow_limit = None
+            self._hold_for = _HOLD_STEPS * self.backoff_max
+            log.info("the server takes connections again: max_overflow is back to its value")
+            return
+        _compat.set_max_overflow(pool, limit)
+        self._overflow_limit = limit
+        self._schedule()
+
+    async def _acquire(self, until: float) -> None:
+        """Take a slot, waiting until ``until`` at most (then the driver's 2003 error)."""
+        if self._slots is None:
+            return
+        with anyio.move_on_after(max(0.0, until - time.monotonic())):
+            await self._slots.acquire()
+            return
+        raise self._error(
+            2003,
+            f"Can't connect to MySQL server: no connection attempt could start before the "
+            f"deadline; max_connecting={self.max_connecting} attempts were in flight",
+        )
+
+
+def admission_for(
+    options: EngineOptions,
+    pool_timeout: float | None,
+    counters: Counters,
+    driver: DriverSupport,
+) -> Admission | None:
+    """The admission for an engine with these options (also without a cap or retries: it
+    counts the attempts), or None for a driver asyncgone does not open itself."""
+    retry = options.connect_retry
+    if retry == "pool_timeout":
+        retry_for = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
+    else:
+        retry_for = 0.0 if retry is None else float(retry)
+    if not driver.known:
+        return None
+    return Admission(
+        max_connecting=options.max_connecting,
+        retry_for=retry_for,
+        backoff_max=options.connect_backoff_max,
+        counters=counters,
+        error=connect_error(driver.name),
+    )

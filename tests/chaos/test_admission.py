@@ -1,0 +1,308 @@
+"""A full server (1040) and a server that is not listening yet: connects wait, within their
+deadline, instead of failing; an engine caps its connection attempts in flight."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pymysql
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+import asyncgone
+from asyncgone import _compat
+from asyncgone._state import state_of
+from asyncgone.testing import FaultProxy, MariaDBServer
+from tests._support import wait_until
+
+pytestmark = pytest.mark.anyio
+
+# MariaDB's smallest max_connections.
+MAX_CONNECTIONS = 10
+
+
+@pytest.fixture(scope="module")
+def small_server() -> Iterator[MariaDBServer]:
+    """A disposable server with max_connections=10 and an account without SUPER or
+    CONNECTION ADMIN (so without the connection MariaDB keeps for administrators)."""
+    with MariaDBServer(options=[f"--max-connections={MAX_CONNECTIONS}"]) as server:
+        server.query("CREATE USER IF NOT EXISTS 'app'@'%'")
+        server.query("GRANT ALL ON test.* TO 'app'@'%'")
+        yield server
+
+
+class Hogs:
+    """Connections of another client that keep the server full, released one at a time."""
+
+    def __init__(self, server: MariaDBServer, spare: int = 0) -> None:
+        self._server = server
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        refused = 0
+        # Full once refused twice in a row, a moment apart: a refused connection still
+        # counts on the server for a moment after the refusal.
+        while refused < 2:
+            try:
+                self._conns.append(self._connect())
+                refused = 0
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] != 1040:  # anything but "too many connections" is a failure
+                    raise
+                refused += 1
+                time.sleep(0.2)
+        for _ in range(spare):
+            self.release()
+
+    def _connect(self) -> Any:
+        return pymysql.connect(
+            host=self._server.host, port=self._server.port, user="app", connect_timeout=5
+        )
+
+    def release(self) -> None:
+        with self._lock:
+            self._conns.pop().close()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+
+@contextlib.contextmanager
+def full(server: MariaDBServer, spare: int = 0) -> Iterator[Hogs]:
+    hogs = Hogs(server, spare)
+    try:
+        yield hogs
+    finally:
+        hogs.close()
+
+
+def app_url(server: MariaDBServer, driver: str) -> str:
+    return f"mysql+{driver}://app@{server.host}:{server.port}/test"
+
+
+async def release_later(hogs: Hogs, delay: float) -> None:
+    await anyio.sleep(delay)
+    await anyio.to_thread.run_sync(hogs.release)
+
+
+async def test_a_connect_waits_for_capacity_instead_of_failing(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """While the server answers 1040, the connect backs off and tries again; once another
+    client lets a connection go, it succeeds: the caller never sees the refusals."""
+    engine = asyncgone.create_engine(app_url(small_server, driver), pool_size=1, max_overflow=0)
+    try:
+        with full(small_server) as hogs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release_later, hogs, 1.0)
+                async with engine.connect() as conn:
+                    assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        stats = asyncgone.stats(engine)
+        assert stats.connects_refused >= 1
+        assert stats.connect_attempts == stats.connects_refused + 1
+        assert stats.connects == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_without_retries_the_first_refusal_is_raised(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """``connect_retry=None``: the server's 1040 reaches the caller at the first refusal."""
+    engine = asyncgone.create_engine(
+        app_url(small_server, driver), pool_size=1, max_overflow=0, connect_retry=None
+    )
+    try:
+        with full(small_server), pytest.raises(OperationalError) as info:
+            async with engine.connect():
+                pass
+        assert asyncgone.is_unavailable(info.value)
+        assert info.value.orig is not None
+        assert info.value.orig.args[0] == 1040
+        assert asyncgone.stats(engine).connect_attempts == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_the_retry_window_and_the_callers_deadline_end_the_wait(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """A server that stays full: the server's own 1040 is raised once ``connect_retry`` is
+    over, and a caller's cancel scope ends the wait at its deadline."""
+    url = app_url(small_server, driver)
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0, connect_retry=1.0)
+    scoped = asyncgone.create_engine(url, pool_size=1, max_overflow=0)  # retry: 30 s
+    try:
+        with full(small_server):
+            with anyio.fail_after(20), pytest.raises(OperationalError) as info:
+                async with engine.connect():
+                    pass
+            assert info.value.orig is not None
+            assert info.value.orig.args[0] == 1040
+            assert asyncgone.stats(engine).connects_refused >= 2
+            with anyio.fail_after(20):  # the bound on the test, far beyond the scope's
+                with pytest.raises((OperationalError, TimeoutError)):
+                    with anyio.fail_after(1.5):
+                        async with scoped.connect():
+                            pass
+            assert asyncgone.stats(scoped).connects_refused >= 2
+    finally:
+        await engine.dispose()
+        await scoped.dispose()
+
+
+async def test_start_waits_for_capacity_within_its_deadline(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """``Database.start()`` meeting 1040 waits for a connection to come free; without
+    retries it fails at once with ``DatabaseUnavailable``."""
+    url = app_url(small_server, driver)
+    with full(small_server) as hogs:
+        hasty = asyncgone.Database(url, keepalive=False, connect_retry=None)
+        with pytest.raises(asyncgone.DatabaseUnavailable, match="1040"):
+            await hasty.start()
+        db = asyncgone.Database(url, keepalive=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_later, hogs, 1.0)
+            await db.start()
+        try:
+            assert await db.run(lambda s: s.scalar(text("SELECT 2"))) == 2
+            assert db.stats().connects_refused >= 1
+        finally:
+            await db.close()
+
+
+async def test_a_full_server_holds_the_pools_overflow(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """After a 1040 the pool opens nothing beyond the connections it has (checkouts wait for
+    one of them); the limit comes back, one connection at a time, once the refusals stop."""
+    engine = asyncgone.create_engine(
+        app_url(small_server, driver), pool_size=1, max_overflow=3, connect_backoff_max=0.2
+    )
+    pool: Any = engine.sync_engine.pool
+    try:
+        async with engine.connect() as first:
+            await first.execute(text("SELECT 1"))
+            with full(small_server) as hogs:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(release_later, hogs, 1.0)
+                    async with engine.connect() as second:  # overflow: refused, then waits
+                        await second.execute(text("SELECT 1"))
+                        assert _compat.max_overflow(pool) == 0
+            assert asyncgone.stats(engine).connects_refused >= 1
+        # No refusal since: the limit rises by one every 5 * connect_backoff_max seconds.
+        await wait_until(lambda: _compat.max_overflow(pool) == 3, limit=10)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connect_waits_for_a_server_that_is_starting(
+    disposable_server: MariaDBServer, driver: str
+) -> None:
+    """Nothing listens for a second (a restart of the server the engine reached before): the
+    connect retries the refused TCP connects (2003) and succeeds once the server is up."""
+    engine = asyncgone.create_engine(disposable_server.url(driver), pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:  # the engine reaches its server once
+            await conn.execute(text("SELECT 1"))
+        await engine.dispose()  # the next checkout connects anew
+        await anyio.to_thread.run_sync(disposable_server.stop)
+
+        async def start_later() -> None:
+            await anyio.sleep(1.0)
+            await anyio.to_thread.run_sync(disposable_server.start)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start_later)
+            with anyio.fail_after(30):
+                async with engine.connect() as conn:
+                    assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        assert asyncgone.stats(engine).connects_refused >= 1
+    finally:
+        if not disposable_server.running:
+            await anyio.to_thread.run_sync(disposable_server.start)
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("cap", [2, None], ids=["capped", "uncapped"])
+async def test_max_connecting_caps_the_attempts_in_flight(
+    disposable_server: MariaDBServer, driver: str, cap: int | None
+) -> None:
+    """Eight checkouts at once on an empty pool behind a slow network: at most
+    ``max_connecting`` connection attempts are in flight at any moment, and all succeed."""
+    with FaultProxy.for_url(disposable_server.url(driver)) as proxy:
+        proxy.set_latency(0.05)
+        engine = asyncgone.create_engine(
+            proxy.route(disposable_server.url(driver)),
+            pool_size=8,
+            max_overflow=0,
+            max_connecting=cap,
+        )
+        admission = state_of(engine).admission  # type: ignore[union-attr]
+        assert admission is not None
+        seen = 0
+
+        async def watch() -> None:
+            nonlocal seen
+            while True:
+                seen = max(seen, admission.in_flight)
+                await anyio.sleep(0.005)
+
+        async def unit() -> None:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT SLEEP(0.5)"))
+
+        try:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as outer:
+                    outer.start_soon(watch)
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(8):
+                            tg.start_soon(unit)
+                    outer.cancel_scope.cancel()
+            assert asyncgone.stats(engine).connects == 8
+            if cap is None:
+                assert seen > 2
+            else:
+                assert seen == cap
+        finally:
+            await engine.dispose()
+
+
+async def test_run_takes_a_pooled_connection_rather_than_asking_a_full_server_again(
+    small_server: MariaDBServer, driver: str
+) -> None:
+    """``run()`` meeting 1040 while its pool has a connection in use does not retry the
+    connect: the pool's overflow is held, and the unit waits for that connection."""
+    db = asyncgone.Database(
+        app_url(small_server, driver), pool_size=1, max_overflow=2, keepalive=False
+    )
+    async with db:  # start() opens the pool's one connection; it stays in the pool
+        with full(small_server):
+
+            async def hold() -> None:
+                async with db.session() as session:
+                    await session.execute(text("SELECT SLEEP(1)"))
+
+            async def unit(session: Any) -> int:
+                return int((await session.execute(text("SELECT 7"))).scalar_one())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                await anyio.sleep(0.2)  # the pooled connection is in use now
+                with anyio.fail_after(20):
+                    assert await db.run(unit) == 7
+            stats = db.stats()
+            assert stats.connects_refused == 1
+            assert stats.connect_attempts == 2
+            assert stats.connects == 1
