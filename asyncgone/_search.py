@@ -155,7 +155,7 @@ class HostSearch:
     ) -> tuple[Any, ServerFacts]:
         conn = await connect(*args, **{**kwargs, "host": host.host, "port": host.port})
         try:
-            facts = await read_facts(conn, self._ping_timeout)
+            facts = await read_facts(conn, self._ping_timeout, role=True)
         except BaseException as exc:
             await close(conn, self._ping_timeout)
             if isinstance(exc, (TimeoutError, OSError)):
