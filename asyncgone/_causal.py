@@ -31,7 +31,7 @@ from ._session import SessionScope
 from ._statements import fetch_row
 from ._waits import bounded
 
-__all__ = ["PRIMARY", "CausalScope", "GtidTracker", "applied"]
+__all__ = ["PRIMARY", "CausalScope", "GtidTracker", "applied", "merge"]
 
 log = logging.getLogger("asyncgone")
 
@@ -42,15 +42,51 @@ _MARIADB_SQL = "SELECT @@last_gtid"
 _MYSQL_SQL = "SELECT @@global.gtid_executed"
 
 
+def _domains(position: str) -> dict[str, tuple[str, int]]:
+    """A MariaDB GTID position as {domain: (server_id, sequence)}; ValueError if it is not
+    one."""
+    found: dict[str, tuple[str, int]] = {}
+    for part in position.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        domain, server, seq = part.split("-")
+        found[domain] = (server, int(seq))
+    return found
+
+
 def applied(position: str, gtid: str) -> bool:
-    """Whether a MariaDB GTID position (``"0-1-42,1-2-7"``) includes ``gtid`` (``"0-1-40"``):
-    its domain's sequence number is at least the GTID's. False for anything else."""
+    """Whether a MariaDB GTID position (``"0-1-42,1-2-7"``) includes ``gtid`` (one GTID,
+    ``"0-1-40"``, or a position): in each of its domains, the sequence number is at least
+    the GTID's. False for anything else."""
     try:
-        domain, _, seq = gtid.split("-")
-        have = {p.split("-")[0]: int(p.split("-")[2]) for p in position.split(",") if p}
-        return have.get(domain, -1) >= int(seq)
-    except (ValueError, IndexError):
+        have, want = _domains(position), _domains(gtid)
+    except ValueError:
         return False
+    return bool(want) and all(
+        have.get(domain, ("", -1))[1] >= seq for domain, (_, seq) in want.items()
+    )
+
+
+def merge(known: str | None, new: str) -> str:
+    """What a context knows after a commit whose connection reported ``new``: the position
+    that includes both (per domain the larger sequence number; never backwards), ``PRIMARY``
+    once a GTID could not be read or parsed. A MySQL GTID set (``uuid:1-42``) is the
+    server's executed set, which only grows: the newer one stands."""
+    if known == PRIMARY:
+        return PRIMARY
+    if not known:
+        return new
+    if ":" in new or ":" in known:
+        return new
+    try:
+        merged = _domains(known)
+        for domain, (server, seq) in _domains(new).items():
+            if seq > merged.get(domain, ("", -1))[1]:
+                merged[domain] = (server, seq)
+    except ValueError:
+        return PRIMARY
+    return ",".join(f"{d}-{server}-{seq}" for d, (server, seq) in sorted(merged.items()))
 
 
 class GtidTracker:
@@ -66,13 +102,13 @@ class GtidTracker:
         """The last commit's GTID in this context, ``PRIMARY``, or None."""
         return self._var.get()
 
-    def clear(self) -> None:
-        """Forget it (every replica applied it)."""
-        self._var.set(None)
-
     def after_commit(self, dbapi_connection: Any, mariadb: bool) -> None:
         """Read the GTID of the commit just made on ``dbapi_connection`` (in SQLAlchemy's
-        greenlet, which shares the caller's context)."""
+        greenlet, which shares the caller's context) and merge it into the context's.
+
+        A commit that wrote nothing reports the connection's older ``@@last_gtid`` (perhaps
+        another task's): merged, it never moves the context's position backwards. A GTID
+        that cannot be read leaves ``PRIMARY``, which later reads do not overwrite."""
         sql = _MARIADB_SQL if mariadb else _MYSQL_SQL
         try:
             row = dbapi_connection.run_async(lambda c: bounded(fetch_row(c, sql), self._timeout))
@@ -83,7 +119,7 @@ class GtidTracker:
         drop_read_result(dbapi_connection.driver_connection)
         gtid = str(row[0]) if row and row[0] else ""
         if gtid:
-            self._var.set(gtid)
+            self._var.set(merge(self._var.get(), gtid))
 
 
 class CausalScope(SessionScope):

@@ -139,7 +139,8 @@ class Routing:
             return SessionScope(primary, options, cleanup_timeout=cleanup_timeout)
         monitor = self.monitor
         if monitor is not None and monitor.applied_everywhere(gtid):
-            self.tracker.clear()  # every usable replica has it: no wait from now on
+            # Every usable replica had it at the last check: no wait for this session. The
+            # context keeps its GTID: a replica the monitor had not seen yet may not have it.
             return SessionScope(engine, options, cleanup_timeout=cleanup_timeout)
         return CausalScope(
             engine,
