@@ -10,26 +10,32 @@ after a commit, and none otherwise. The GTID is kept in a
 context variable: the task (request) that committed, and the tasks it starts afterwards,
 see it; others do not.
 
-A ``read_only`` session in such a context first runs ``MASTER_GTID_WAIT(gtid, timeout)``
-(MySQL: ``WAIT_FOR_EXECUTED_GTID_SET``) on its replica connection, bounded by
-``causal_reads_timeout``; when the replica has not applied the commit by then, or when the
+A ``read_only`` session in such a context, before its first statement (however it was
+opened: ``async with`` or ``SessionScope.open()``), runs ``MASTER_GTID_WAIT(gtid, timeout)``
+(MySQL: ``WAIT_FOR_EXECUTED_GTID_SET``) on the replica connection it then keeps, bounded by
+``causal_reads_timeout`` (and on the client by that plus ``ping_timeout``); when the replica has not applied the commit by then, or when the
 GTID could not be read, the session goes to the primary instead. When the monitor's last
-check found every usable replica past that GTID, nothing is waited for at all.
+check found every usable replica past that GTID, that session waits for nothing (the
+context keeps the GTID). Each commit's GTID merges into the context's position, per
+domain, never backwards.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 from ._drivers import drop_read_result
 from ._session import SessionScope
 from ._statements import fetch_row
-from ._waits import bounded
+from ._waits import bounded, finish
 
 __all__ = ["PRIMARY", "CausalScope", "GtidTracker", "applied", "merge"]
 
@@ -39,6 +45,8 @@ log = logging.getLogger("asyncgone")
 PRIMARY = "primary"
 
 _MARIADB_SQL = "SELECT @@last_gtid"
+# What a GTID, position or GTID set may contain; the wait's SQL quotes it as a literal.
+_GTID_TEXT = re.compile(r"[0-9A-Za-z:,\-\s]+")
 _MYSQL_SQL = "SELECT @@global.gtid_executed"
 
 
@@ -122,9 +130,45 @@ class GtidTracker:
             self._var.set(merge(self._var.get(), gtid))
 
 
+class _CausalSession:
+    """Mixed into a ``read_only`` session's sync ``Session`` class: the first connection the
+    session needs comes from its scope's ``bind()``, which waits for the GTID first."""
+
+    info: dict[Any, Any]
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        scope = self.info.get(_SCOPE)
+        if scope is None:
+            return super().get_bind(*args, **kwargs)  # type: ignore[misc]
+        return scope.bind()
+
+
+_causal_classes: dict[type[Session], type[Session]] = {}
+_SCOPE = "asyncgone.causal_scope"
+
+
+def _causal_class(base: type[Session]) -> type[Session]:
+    cls = _causal_classes.get(base)
+    if cls is None:
+        cls = type(base.__name__, (_CausalSession, base), {"__module__": base.__module__})
+        _causal_classes[base] = cls
+    return cls
+
+
 class CausalScope(SessionScope):
-    """A ``read_only`` session scope that first waits until its replica applied ``gtid``,
-    and moves to ``primary`` if that takes longer than ``timeout`` seconds."""
+    """A ``read_only`` session scope that, before its first statement, waits until its
+    replica applied ``gtid``, and moves to ``primary`` if that takes longer than
+    ``timeout`` seconds.
+
+    The wait runs when the session first needs a connection (its first statement, or
+    ``session.connection()``), so ``open()``, which does no I/O, is as safe as ``async
+    with``: the framework integrations open their request sessions that way. It runs on the
+    replica connection the session then keeps for all its work (the replica that has the
+    commit), bounded on the client too (``bound`` seconds: the timeout plus a ping's); a
+    replica that fails or times out sends the session to the primary. A cancellation during
+    the wait propagates through the statement, and the scope's rollback (``async with``,
+    or the integration's) closes the connection, discarding it.
+    """
 
     def __init__(
         self,
@@ -135,34 +179,86 @@ class CausalScope(SessionScope):
         primary: AsyncEngine,
         gtid: str,
         timeout: float,
+        bound: float,
     ) -> None:
-        super().__init__(engine, session_options, cleanup_timeout=cleanup_timeout)
+        options = dict(session_options)
+        options["sync_session_class"] = _causal_class(options.get("sync_session_class", Session))
+        super().__init__(engine, options, cleanup_timeout=cleanup_timeout)
         self._primary = primary
         self._gtid = gtid
         self._timeout = timeout
+        self._bound = bound
+        self._bind: Any = None
+        self._pinned: Connection | None = None
+        self._broken = False
         #: Whether the session went to the primary after all.
         self.fell_back = False
 
-    async def __aenter__(self) -> AsyncSession:
-        session = self.open()
+    def open(self) -> AsyncSession:
+        session = super().open()
+        session.sync_session.info[_SCOPE] = self
+        return session
+
+    def bind(self) -> Any:
+        """The session's bind: decided once, in SQLAlchemy's greenlet (sync code whose I/O
+        is awaited on the caller's task): the replica connection that has the GTID, or the
+        primary's engine."""
+        if self._bind is None:
+            self._bind = self._wait()
+        return self._bind
+
+    def _wait(self) -> Any:
+        if not _GTID_TEXT.fullmatch(self._gtid):  # never the case for a server's answer
+            self.engine, self.fell_back = self._primary, True
+            return self._primary.sync_engine
         mariadb = "-" in self._gtid and ":" not in self._gtid
         sql = (
-            "SELECT MASTER_GTID_WAIT(:gtid, :timeout)"
+            f"SELECT MASTER_GTID_WAIT('{self._gtid}', {self._timeout:g})"
             if mariadb
-            else "SELECT WAIT_FOR_EXECUTED_GTID_SET(:gtid, :timeout)"
+            else f"SELECT WAIT_FOR_EXECUTED_GTID_SET('{self._gtid}', {self._timeout:g})"
         )
+        conn = self.engine.sync_engine.connect()
+        self._pinned = conn
         try:
-            result = await session.execute(
-                text(sql), {"gtid": self._gtid, "timeout": self._timeout}
+            row = conn.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
+                lambda c: bounded(fetch_row(c, sql), self._bound)
             )
-            waited = result.scalar()
-        except Exception as exc:  # the replica failed: the primary has the data for sure
+        except Exception as exc:  # the replica failed or took too long: the primary has it
             log.debug("waiting for a replica to apply %s failed: %s", self._gtid, exc)
+            self._broken = True
             waited = None
+        except BaseException:
+            self._broken = True  # cancelled mid-query: the cleanup discards the connection
+            raise
+        else:
+            waited = row[0] if row else None
         if waited == 0:
-            return session
-        await self._cleanup(session, None, rollback=True)
+            return conn
+        self._release_pinned()
         self.engine = self._primary
-        self._session = None
         self.fell_back = True
-        return self.open()
+        return self._primary.sync_engine
+
+    def _release_pinned(self) -> None:
+        conn, self._pinned = self._pinned, None
+        if conn is None:
+            return
+        if self._broken:
+            conn.invalidate()  # a reply may still be on its way: never reuse it
+        conn.close()
+
+    async def _cleanup(
+        self, session: AsyncSession, error: BaseException | None, *, rollback: bool
+    ) -> None:
+        try:
+            await super()._cleanup(session, error, rollback=rollback)
+        finally:
+            if self._pinned is not None:
+                try:
+                    await finish(
+                        greenlet_spawn(self._release_pinned),
+                        self._cleanup_timeout,
+                        "closing a replica connection",
+                    )
+                except Exception as exc:
+                    log.debug("closing a replica connection failed: %s", exc)

@@ -149,7 +149,13 @@ class Routing:
             primary=primary,
             gtid=gtid,
             timeout=self.causal_timeout,
+            bound=self.causal_timeout + self._ping_timeout(engine),
         )
+
+    @staticmethod
+    def _ping_timeout(engine: AsyncEngine) -> float:
+        state = state_of(engine)
+        return 5.0 if state is None else state.options.ping_timeout
 
     def health(self) -> list[ReplicaHealth]:
         """The monitor's last check of every replica host."""

@@ -115,3 +115,37 @@ async def test_a_gtid_every_replica_had_is_still_waited_for_later(
         async with db.session(read_only=True) as session:
             assert await count(session, "kept", 1) == 1
         assert routing.tracker.get() == gtid
+
+
+async def test_a_cancelled_wait_leaves_no_replica_connection_checked_out(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """A read_only session after a write waits for a replica whose SQL thread stopped; the
+    task is cancelled during the wait: the replica connection goes back (discarded), none
+    stays checked out, and the next session works."""
+    topology = asyncgone_replication
+    topology.primary.query("CREATE TABLE test.cancelled (id INT PRIMARY KEY)")
+    async with database(
+        topology, driver, replica_check_interval=60.0, causal_reads_timeout=30.0
+    ) as db:
+        routing = db._routing
+        assert routing is not None
+        replica_engine = routing.engine
+        assert replica_engine is not None
+        with contextlib.ExitStack() as lags:
+            for replica in topology.replicas:
+                lags.enter_context(topology.lag(replica))
+            async with db.session() as session:
+                await session.execute(text("INSERT INTO cancelled VALUES (1)"))
+            scope = db.session(read_only=True)
+            with anyio.move_on_after(0.5) as waited:
+                async with scope as session:
+                    await session.execute(text("SELECT 1"))
+            assert waited.cancelled_caught  # it was inside the wait (30 s) when cancelled
+            assert scope.finished  # rolled back and closed by the scope
+            assert scope.session is not None
+            assert not scope.session.in_transaction()
+            assert replica_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        await anyio.to_thread.run_sync(topology.wait_caught_up)
+        async with db.session(read_only=True) as session:
+            assert await count(session, "cancelled", 1) == 1
