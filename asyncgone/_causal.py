@@ -13,8 +13,9 @@ see it; others do not.
 A ``read_only`` session in such a context, before its first statement (however it was
 opened: ``async with`` or ``SessionScope.open()``), runs ``MASTER_GTID_WAIT(gtid, timeout)``
 (MySQL: ``WAIT_FOR_EXECUTED_GTID_SET``) on the replica connection it then keeps, bounded by
-``causal_reads_timeout`` (and on the client by that plus ``ping_timeout``); when the replica has not applied the commit by then, or when the
-GTID could not be read, the session goes to the primary instead. When the monitor's last
+``causal_reads_timeout`` (and on the client by that plus ``ping_timeout``); when the
+replica has not applied the commit by then, or when the GTID could not be read, the
+session goes to the primary instead. When the monitor's last
 check found every usable replica past that GTID, that session waits for nothing (the
 context keeps the GTID). Each commit's GTID merges into the context's position, per
 domain, never backwards.
