@@ -312,8 +312,10 @@ class Database:
                 default the Database's (``DEFAULT_RETRY_CODES``).
             read_only (bool): ``work`` only reads: run it on a fit replica (see
                 ``session()``); each attempt chooses again, so a replay after a replica
-                died goes to another one, and a COMMIT lost in flight is replayed (it
-                committed nothing).
+                died goes to another one. A COMMIT lost in flight is replayed only when
+                the attempt ran on a replica, whose sessions are read-only (``SET SESSION
+                TRANSACTION READ ONLY`` at connect); on the primary it raises
+                ``CommitOutcomeUnknown`` as for any work.
 
         Returns:
             T: what ``work`` returned, once committed.
@@ -325,8 +327,9 @@ class Database:
         """
         options = self._run_options.override(attempts, deadline, retry_codes)
         counters = self._engine_state().counters
-        scope = partial(self.session, read_only=read_only)
-        return await run_unit(scope, work, options, counters, mask(self.url), read_only=read_only)
+        scope, routing = partial(self.session, read_only=read_only), self._routing
+        replayable = routing.on_replica if read_only and routing is not None else None
+        return await run_unit(scope, work, options, counters, mask(self.url), replayable)
 
     # -- observability -----------------------------------------------------------------------
 

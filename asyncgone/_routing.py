@@ -9,8 +9,10 @@ memory: the monitor's last verdict on each host; a session costs no round trip f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,11 +22,14 @@ from ._config import seconds
 from ._engine import create_engine
 from ._errors import ConfigurationError, DatabaseUnavailable
 from ._hosts import hosts_of
+from ._invalidation import LOST_CONNECTION
 from ._keepalive import Keepalive
 from ._replicas import ReplicaHealth, ReplicaMonitor
 from ._session import SessionScope
 from ._state import state_of
+from ._statements import execute
 from ._url import mask, resolve_url
+from ._waits import bounded
 
 __all__ = [
     "DEFAULT_CAUSAL_READS_TIMEOUT",
@@ -47,6 +52,26 @@ DEFAULT_REPLICA_CHECK_INTERVAL = 1.0
 DEFAULT_CAUSAL_READS_TIMEOUT = 1.0
 
 Fallback = Literal["primary", "raise"]
+
+
+_READ_ONLY_SQL = "SET SESSION TRANSACTION READ ONLY"
+
+
+def _read_only_sessions(dbapi: Any, timeout: float) -> Callable[[Any, Any], None]:
+    """A ``connect`` listener that makes a new connection's transactions read-only (one
+    statement, at connect, bounded by ``timeout`` seconds)."""
+
+    def listener(dbapi_connection: Any, record: Any) -> None:
+        try:
+            dbapi_connection.run_async(lambda c: bounded(execute(c, _READ_ONLY_SQL), timeout))
+        except dbapi.Error:
+            raise
+        except Exception as exc:  # a timeout, a transport error: the connection is lost
+            raise dbapi.OperationalError(
+                LOST_CONNECTION, f"Lost connection while making the session read-only: {exc!r}"
+            ) from exc
+
+    return listener
 
 
 class Routing:
@@ -84,8 +109,13 @@ class Routing:
         is avoided, not fatal: the primary serves meanwhile)."""
         options = {**engine_options, "target_role": "replica"}
         self.engine = create_engine(self.url, **options)
+        # Every replica session is read-only, even for a user whom the server's read_only
+        # does not stop (SUPER, READ ONLY ADMIN): a COMMIT lost in flight committed nothing.
+        sync_engine = self.engine.sync_engine
         state = state_of(self.engine)
         assert state is not None
+        listener = _read_only_sessions(sync_engine.dialect.dbapi, state.options.ping_timeout)
+        event.listen(sync_engine, "connect", listener)
         assert state.search is not None
         state.search.recheck_after = self.interval
         self.monitor = ReplicaMonitor(
@@ -113,6 +143,10 @@ class Routing:
             await monitor.stop()
         if engine is not None:
             await drain_and_dispose(engine, timeout)
+
+    def on_replica(self, scope: SessionScope) -> bool:
+        """Whether ``scope``'s session ran on the replica engine (read-only sessions)."""
+        return self.engine is not None and scope.engine is self.engine
 
     def engine_for(self, primary: AsyncEngine) -> AsyncEngine:
         """The engine for a ``read_only`` session: the replicas' while one is fit."""

@@ -8,12 +8,14 @@ import contextlib
 import anyio
 import anyio.to_thread
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
 from asyncgone._causal import PRIMARY, applied, merge
-from asyncgone.testing import ReplicationTopology
+from asyncgone._errors import error_code
+from asyncgone.testing import FaultProxy, ReplicationTopology
 
 pytestmark = [pytest.mark.anyio, pytest.mark.topology]
 
@@ -149,3 +151,58 @@ async def test_a_cancelled_wait_leaves_no_replica_connection_checked_out(
         await anyio.to_thread.run_sync(topology.wait_caught_up)
         async with db.session(read_only=True) as session:
             assert await count(session, "cancelled", 1) == 1
+
+
+async def test_replica_sessions_are_read_only_even_for_root(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """root may write on a read_only server; a read_only session on a replica may not: its
+    connection's transactions are read-only (error 1792)."""
+    topology = asyncgone_replication
+    topology.primary.query("CREATE TABLE test.ro (id INT PRIMARY KEY)")
+    await anyio.to_thread.run_sync(topology.wait_caught_up)
+    db = asyncgone.Database(
+        topology.url(driver, role="primary", user="root"),
+        replicas=topology.url(driver, role="replicas", user="root"),
+    )
+    async with db:
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            async with db.session(read_only=True) as session:
+                assert int((await session.execute(text("SELECT @@port"))).scalar_one()) in {
+                    r.port for r in topology.replicas
+                }
+                await session.execute(text("INSERT INTO ro VALUES (1)"))
+        assert error_code(info.value) == 1792  # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+
+
+async def test_read_only_work_on_a_replica_whose_commit_is_lost_is_replayed(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """run(read_only=True) on a replica (read-only sessions): a COMMIT lost in flight
+    committed nothing, so the work is replayed, not reported as CommitOutcomeUnknown."""
+    topology = asyncgone_replication
+    replica = topology.replicas[0]
+    calls = 0
+
+    async def read(session: AsyncSession) -> int:
+        nonlocal calls
+        calls += 1
+        return int((await session.execute(text("SELECT @@port"))).scalar_one())
+
+    with FaultProxy(replica.host, replica.port) as proxy:
+        db = asyncgone.Database(
+            topology.url(driver, role="primary"),
+            replicas=proxy.route(topology.server_url(replica, driver)),
+        )
+        async with db:
+            # A connection in the replica pool first: its connect sends SET AUTOCOMMIT,
+            # which the cut below would take for the COMMIT.
+            assert await db.run(read, read_only=True) == replica.port
+            proxy.cut_on(b"COMMIT", deliver=True)
+            # The replay chooses again: the cut replica may be taken for down meanwhile.
+            got = await db.run(read, read_only=True)
+            assert got in {replica.port, topology.primary.port}
+            assert calls == 3
+            assert proxy.tripped == 1
+            assert db.stats().commit_outcome_unknown == 0
+            assert db.stats().replays == 1
