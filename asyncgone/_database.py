@@ -20,7 +20,7 @@ from sqlalchemy.pool import QueuePool
 from . import _compat
 from ._cancel import drain_and_dispose
 from ._config import RunOptions, check_flag, seconds, split_options
-from ._engine import create_engine
+from ._engine import create_engine, first_connect_bound
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
 from ._routing import (
@@ -200,7 +200,7 @@ class Database:
         self._engine = create_engine(self.url, **self._engine_options)
         self._lifecycle = _Lifecycle.STARTED
         try:
-            with anyio.fail_after(self._options.connect_timeout + self._options.ping_timeout):
+            with anyio.fail_after(first_connect_bound(self._engine, self._options)):
                 async with self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except BaseException as exc:

@@ -100,3 +100,23 @@ async def test_access_denied_is_raised_at_once_not_searched_past(
             assert proxy.accepted == 0
         finally:
             await engine.dispose()
+
+
+async def test_database_start_waits_for_the_search_past_blackholed_hosts(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """Two blackholed hosts ahead of the server: the search needs two connect bounds, more
+    than connect_timeout + ping_timeout; Database.start() waits for the search's own
+    deadline and starts."""
+    with FaultProxy(shared.host, shared.port) as second:
+        second.blackhole(include_new=True)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        url = (
+            f"mysql+{driver}://{auth}@/test?host={blackholed.host}:{blackholed.port}"
+            f"&host={second.host}:{second.port}&host={shared.host}:{shared.port}"
+        )
+        db = asyncgone.Database(url, connect_timeout=1, ping_timeout=0.5, target_role="any")
+        async with db, db.session() as session:
+            assert (await session.execute(text("SELECT @@port"))).scalar_one() == shared.port
+        assert blackholed.accepted == 1
+        assert second.accepted == 1
