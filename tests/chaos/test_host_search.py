@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 import asyncgone
+from asyncgone._state import state_of
 from asyncgone.testing import FaultProxy
 from tests._support import Server
 
@@ -120,3 +122,33 @@ async def test_database_start_waits_for_the_search_past_blackholed_hosts(
             assert (await session.execute(text("SELECT @@port"))).scalar_one() == shared.port
         assert blackholed.accepted == 1
         assert second.accepted == 1
+
+
+async def test_a_host_avoided_while_connecting_is_not_handed_out(
+    shared: Server, driver: str
+) -> None:
+    """The owner (the replica monitor) avoids a host while a connection to it is being
+    opened (0.3 s per round trip through a slow proxy): the search drops that connection
+    rather than hand out one that the owner's pool invalidation already missed."""
+    with FaultProxy(shared.host, shared.port) as proxy:
+        proxy.set_latency(0.3)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        url = f"mysql+{driver}://{auth}@{proxy.host}:{proxy.port}/test"
+        engine = asyncgone.create_engine(url, target_role="primary", connect_timeout=10)
+        state = state_of(engine)
+        assert state is not None
+        search = state.search
+        assert search is not None
+        try:
+
+            async def avoid_soon() -> None:
+                await anyio.sleep(0.2)  # inside the connect: several round trips
+                search.avoided = frozenset(search.hosts)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(avoid_soon)
+                with pytest.raises(sa_exc.OperationalError, match="avoided meanwhile"):
+                    async with engine.connect():
+                        pass
+        finally:
+            await engine.dispose()
