@@ -24,7 +24,7 @@ from ._errors import ConfigurationError, DatabaseUnavailable
 from ._hosts import hosts_of
 from ._invalidation import LOST_CONNECTION
 from ._keepalive import Keepalive
-from ._replicas import ReplicaHealth, ReplicaMonitor
+from ._replicas import STALE_AFTER, ReplicaHealth, ReplicaMonitor
 from ._session import SessionScope
 from ._state import state_of
 from ._statements import execute
@@ -199,6 +199,8 @@ class Routing:
         """Each replica host and why it is not fit, in one line."""
         if self.monitor is None:
             return "not started"
+        if not self.monitor.current():
+            return f"no replica check in the last {STALE_AFTER} intervals ({self.interval:g} s)"
         parts = [
             f"{h.host} {h.why_not(self.max_lag) or 'fit'}" for h in self.monitor.health.values()
         ]
