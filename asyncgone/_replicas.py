@@ -167,8 +167,12 @@ class ReplicaMonitor:
     def applied_everywhere(self, gtid: str) -> bool:
         """Whether the last check found ``gtid`` applied on every usable replica."""
         usable = self._search.usable()
-        return self.current() and bool(usable) and all(
-            h in self.health and applied(self.health[h].gtid_position, gtid) for h in usable
+        return (
+            self.current()
+            and bool(usable)
+            and all(
+                h in self.health and applied(self.health[h].gtid_position, gtid) for h in usable
+            )
         )
 
     async def start(self) -> ReplicaMonitor:
