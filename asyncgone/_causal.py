@@ -218,7 +218,12 @@ class CausalScope(SessionScope):
             if mariadb
             else f"SELECT WAIT_FOR_EXECUTED_GTID_SET('{self._gtid}', {self._timeout:g})"
         )
-        conn = self.engine.sync_engine.connect()
+        try:
+            conn = self.engine.sync_engine.connect()
+        except Exception as exc:  # no replica connection: the primary has the data for sure
+            log.debug("no replica connection to wait for %s on: %s", self._gtid, exc)
+            self.engine, self.fell_back = self._primary, True
+            return self._primary.sync_engine
         self._pinned = conn
         try:
             row = conn.connection.dbapi_connection.run_async(  # type: ignore[union-attr]

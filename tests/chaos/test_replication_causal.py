@@ -206,3 +206,27 @@ async def test_read_only_work_on_a_replica_whose_commit_is_lost_is_replayed(
             assert proxy.tripped == 1
             assert db.stats().commit_outcome_unknown == 0
             assert db.stats().replays == 1
+
+
+async def test_with_no_replica_to_wait_on_the_read_goes_to_the_primary(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """Every replica killed after the monitor's last check (a check once a minute): the
+    wait finds no replica connection, and the session reads its write from the primary
+    instead of failing."""
+    topology = asyncgone_replication
+    topology.primary.query("CREATE TABLE test.gone (id INT PRIMARY KEY)")
+    async with database(
+        topology, driver, replica_check_interval=60.0, connect_timeout=2, keepalive=False
+    ) as db:
+        async with db.session() as session:
+            await session.execute(text("INSERT INTO gone VALUES (1)"))
+        for replica in topology.replicas:
+            await anyio.to_thread.run_sync(topology.kill, replica)
+        scope = db.session(read_only=True)
+        async with scope as session:
+            assert await count(session, "gone", 1) == 1
+            assert int((await session.execute(text("SELECT @@port"))).scalar_one()) == (
+                topology.primary.port
+            )
+        assert getattr(scope, "fell_back", False)
