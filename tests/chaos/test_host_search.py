@@ -152,3 +152,33 @@ async def test_a_host_avoided_while_connecting_is_not_handed_out(
                         pass
         finally:
             await engine.dispose()
+
+
+async def test_the_keepalive_fills_min_idle_past_blackholed_hosts(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """Three blackholed hosts ahead of the server: opening one connection takes three
+    connect bounds, more than the keepalive's per-connection bound used to allow
+    (connect_timeout + ping_timeout + 5 s); it waits for the search's deadline instead."""
+    with (
+        FaultProxy(shared.host, shared.port) as second,
+        FaultProxy(shared.host, shared.port) as third,
+    ):
+        for proxy in (second, third):
+            proxy.blackhole(include_new=True)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        hosts = "&".join(f"host={p.host}:{p.port}" for p in (blackholed, second, third, shared))
+        engine = asyncgone.create_engine(
+            f"mysql+{driver}://{auth}@/test?{hosts}",
+            connect_timeout=3,
+            ping_timeout=0.5,
+            target_role="any",
+        )
+        try:
+            async with asyncgone.keepalive(engine, interval=0.2, min_idle=1):
+                with anyio.fail_after(30):
+                    while engine.sync_engine.pool.checkedin() < 1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+            assert third.accepted == 1
+        finally:
+            await engine.dispose()
