@@ -58,9 +58,12 @@ class StatementKiller:
             return
         self.stop(thread, raw)
 
-    def stop(self, thread: int | None, raw: Any = None) -> None:
+    def stop(self, thread: int | None, raw: Any) -> None:
         """Send ``KILL QUERY`` for the server connection ``thread`` (of the driver connection
-        ``raw``), in the background, to the server that connection goes to."""
+        ``raw``), in the background, to the server that connection goes to.
+
+        ``raw`` is required: with several hosts, a thread id means something only on the
+        server ``raw`` is connected to, and without it no KILL would be sent."""
         params = self._connect.params
         if thread is None or params is None:
             return

@@ -15,14 +15,13 @@ import anyio
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.pool import QueuePool
 
-from . import _compat
 from ._cancel import drain_and_dispose
 from ._config import RunOptions, check_flag, seconds, split_options
-from ._engine import create_engine
+from ._engine import create_engine, first_connect_bound
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
+from ._metrics import pool_status
 from ._routing import (
     DEFAULT_CAUSAL_READS_TIMEOUT,
     DEFAULT_MAX_REPLICA_LAG,
@@ -31,8 +30,8 @@ from ._routing import (
 )
 from ._run import run_unit
 from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
-from ._state import EngineState, holder_of, state_of, stats
-from ._stats import Health, PoolStatus, Stats
+from ._state import EngineState, state_of, stats
+from ._stats import Health, Stats
 from ._url import mask, resolve_url
 from ._waits import finish
 
@@ -202,7 +201,7 @@ class Database:
         self._engine = create_engine(self.url, **self._engine_options)
         self._lifecycle = _Lifecycle.STARTED
         try:
-            with anyio.fail_after(self._options.connect_timeout + self._options.ping_timeout):
+            with anyio.fail_after(first_connect_bound(self._engine, self._options)):
                 async with self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except BaseException as exc:
@@ -314,8 +313,10 @@ class Database:
                 default the Database's (``DEFAULT_RETRY_CODES``).
             read_only (bool): ``work`` only reads: run it on a fit replica (see
                 ``session()``); each attempt chooses again, so a replay after a replica
-                died goes to another one, and a COMMIT lost in flight is replayed (it
-                committed nothing).
+                died goes to another one. A COMMIT lost in flight is replayed only when
+                the attempt ran on a replica, whose sessions are read-only (``SET SESSION
+                TRANSACTION READ ONLY`` at connect); on the primary it raises
+                ``CommitOutcomeUnknown`` as for any work.
 
         Returns:
             T: what ``work`` returned, once committed.
@@ -327,8 +328,9 @@ class Database:
         """
         options = self._run_options.override(attempts, deadline, retry_codes)
         counters = self._engine_state().counters
-        scope = partial(self.session, read_only=read_only)
-        return await run_unit(scope, work, options, counters, mask(self.url), read_only=read_only)
+        scope, routing = partial(self.session, read_only=read_only), self._routing
+        replayable = routing.on_replica if read_only and routing is not None else None
+        return await run_unit(scope, work, options, counters, mask(self.url), replayable)
 
     # -- observability -----------------------------------------------------------------------
 
@@ -371,36 +373,6 @@ class Database:
         state = state_of(self.engine)
         assert state is not None  # the engine is asyncgone's own
         return state
-
-
-def pool_status(engine: AsyncEngine) -> PoolStatus:
-    """The engine's pool figures (zeros for a pool that keeps no connections).
-
-    Idle connections whose socket shows that the server closed them, and empty pool slots
-    waiting for a new connection, count as ``idle_dead``, not ``idle``: checking one out
-    costs a new connection. (One ``poll(2)`` per idle connection; no round trip.)
-    """
-    pool = engine.sync_engine.pool
-    if not isinstance(pool, QueuePool):
-        return PoolStatus(size=0, checked_out=0, idle=0, overflow=0, idle_dead=0)
-    idle = pool.checkedin()
-    dead = 0
-    state = state_of(engine)
-    for record in _compat.idle_records(pool):
-        dbapi_connection = record.dbapi_connection
-        if dbapi_connection is None or (
-            state is not None
-            and holder_of(record) is not None
-            and state.driver.is_closed(dbapi_connection.driver_connection)
-        ):
-            dead += 1
-    return PoolStatus(
-        size=pool.size(),
-        checked_out=pool.checkedout(),
-        idle=idle - dead,
-        overflow=max(pool.overflow(), 0),
-        idle_dead=dead,
-    )
 
 
 def _engine_for(bind: AsyncEngine | str | URL | None) -> tuple[AsyncEngine, bool]:

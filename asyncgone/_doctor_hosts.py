@@ -57,7 +57,7 @@ async def _examine(
         entry["asyncgone"] = "skipped: unreachable (tried after the others for a while)"
         return entry
     try:
-        facts = await read_facts(conn, timeout)
+        facts = await read_facts(conn, timeout, role=True)
         health = await check_host(conn, host, timeout)
     except Exception as exc:
         entry["error"] = describe(exc)

@@ -28,10 +28,10 @@ from ._invalidation import ErrorHandling
 from ._leaks import LeakDetection
 from ._reset import install_reset, pool_reset, reset_mode
 from ._search import HostSearch
-from ._state import EngineState, attach
+from ._state import EngineState, attach, state_of
 from ._url import resolve_url
 
-__all__ = ["create_engine"]
+__all__ = ["create_engine", "first_connect_bound"]
 
 
 def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
@@ -130,6 +130,18 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         state.admission.watch(sync)
     attach(sync, state)
     return engine
+
+
+def first_connect_bound(engine: AsyncEngine, options: EngineOptions) -> float:
+    """Seconds a first connection and one statement on it may take: the host search's own
+    deadline when the engine has one (it may try several hosts, each bounded by
+    ``connect_timeout``), else ``connect_timeout``; plus ``ping_timeout``."""
+    state = state_of(engine)
+    search = None if state is None else state.search
+    connect = options.connect_timeout
+    if search is not None:
+        connect = max(connect, search.deadline)
+    return connect + options.ping_timeout
 
 
 def _host_search(

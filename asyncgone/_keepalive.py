@@ -31,7 +31,7 @@ from . import _compat
 from ._checkout import DEAD, PING_DUE, announce, bounded_ping, verdict
 from ._config import check_keepalive
 from ._errors import describe
-from ._state import holder_of, state_of
+from ._state import EngineState, holder_of, state_of
 from ._stats import Reason
 from ._waits import finish
 
@@ -131,7 +131,7 @@ class Keepalive:
         state = self._state
         # A ping, or a replacement: closing the old connection, opening and configuring a
         # new one.
-        bound = 2 * state.options.ping_timeout + state.connect_timeout + _SLACK
+        bound = 2 * state.options.ping_timeout + _connect_bound(state) + _SLACK
         interval = self.interval
         seen: set[int] = set()
         for _ in range(pool.checkedin()):
@@ -208,11 +208,18 @@ class Keepalive:
         state = self._state
         target = min(self._min_idle, pool.size())
         # Connecting, then the server-facts query.
-        bound = state.connect_timeout + state.options.ping_timeout + _SLACK
+        bound = _connect_bound(state) + state.options.ping_timeout + _SLACK
         while pool.checkedin() < target and pool.checkedout() == 0:
             opening = greenlet_spawn(self._open_idle, pool)
             if not await finish(opening, bound, "opening a connection for min_idle"):
                 break
+
+
+def _connect_bound(state: EngineState) -> float:
+    """Seconds opening one connection may take: the host search's deadline when the engine
+    has one (it may try several hosts), else ``connect_timeout``."""
+    search = state.search
+    return state.connect_timeout if search is None else max(state.connect_timeout, search.deadline)
 
 
 def _replace(record: ConnectionPoolEntry) -> None:

@@ -44,10 +44,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
 
+from . import _compat
 from ._compat import max_overflow
-from ._state import EngineState, state_of
+from ._state import EngineState, holder_of, state_of
+from ._stats import PoolStatus
 
-__all__ = ["BUCKETS", "COUNTERS", "PoolLimits", "PoolMetrics", "Timing", "instrument", "limits"]
+__all__ = [
+    "BUCKETS",
+    "COUNTERS",
+    "PoolLimits",
+    "PoolMetrics",
+    "Timing",
+    "instrument",
+    "limits",
+    "pool_status",
+]
 
 log = logging.getLogger("asyncgone")
 
@@ -303,3 +314,33 @@ def limits(engine: AsyncEngine | Engine) -> PoolLimits:
     state = state_of(sync)
     min_idle = min(state.options.min_idle, size) if state is not None else 0
     return PoolLimits(max_open, size, min_idle)
+
+
+def pool_status(engine: AsyncEngine) -> PoolStatus:
+    """The engine's pool figures (zeros for a pool that keeps no connections).
+
+    Idle connections whose socket shows that the server closed them, and empty pool slots
+    waiting for a new connection, count as ``idle_dead``, not ``idle``: checking one out
+    costs a new connection. (One ``poll(2)`` per idle connection; no round trip.)
+    """
+    pool = engine.sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return PoolStatus(size=0, checked_out=0, idle=0, overflow=0, idle_dead=0)
+    idle = pool.checkedin()
+    dead = 0
+    state = state_of(engine)
+    for record in _compat.idle_records(pool):
+        dbapi_connection = record.dbapi_connection
+        if dbapi_connection is None or (
+            state is not None
+            and holder_of(record) is not None
+            and state.driver.is_closed(dbapi_connection.driver_connection)
+        ):
+            dead += 1
+    return PoolStatus(
+        size=pool.size(),
+        checked_out=pool.checkedout(),
+        idle=idle - dead,
+        overflow=max(pool.overflow(), 0),
+        idle_dead=dead,
+    )

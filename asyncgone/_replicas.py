@@ -8,7 +8,9 @@ positions. A host is *fit* while it answers, is read-only, both replication thre
 and ``Seconds_Behind_Master`` is known and at most ``max_replica_lag``. The others are
 *avoided*: the replica engine's host search skips them, and when a host turns unfit the
 replica pool is invalidated, so its connections to it are retired at their next checkout.
-Checkouts themselves do nothing more: the decision costs no round trip per session.
+Checkouts themselves do nothing more: the decision costs no round trip per session. A
+verdict older than ``STALE_AFTER`` (3) intervals (a check that hangs, a monitor that
+stopped) makes no host fit: ``read_only`` work then goes to the primary.
 
 ``read_only`` sessions go to the replica engine while a host is fit, to the primary
 otherwise (or raise ``DatabaseUnavailable`` with ``replica_fallback="raise"``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -30,10 +33,14 @@ from ._connector import open_connection
 from ._errors import describe
 from ._hosts import HostAddress
 from ._search import HostSearch
+from ._server import is_on
 from ._state import EngineState
 from ._waits import bounded
 
-__all__ = ["ReplicaHealth", "ReplicaMonitor"]
+__all__ = ["STALE_AFTER", "ReplicaHealth", "ReplicaMonitor"]
+
+#: Check intervals after which the monitor's last verdict no longer counts.
+STALE_AFTER = 3
 
 log = logging.getLogger("asyncgone")
 
@@ -114,7 +121,7 @@ async def check_host(conn: Any, host: HostAddress, timeout: float) -> ReplicaHea
         return ReplicaHealth(
             host=str(host),
             reachable=True,
-            read_only=bool(int(row[0])),
+            read_only=is_on(row[0]),
             replicating=running,
             applying=sql == "Yes",
             lag=None if behind is None or not running else float(behind),
@@ -143,18 +150,29 @@ class ReplicaMonitor:
         # When each host was last seen fit, and its lag then: the bound on its lag while
         # its source is unreachable (a primary that died) and it applies what it has.
         self._fit_at: dict[HostAddress, tuple[float, float]] = {}
-        #: The last check of each host.
+        #: The last check of each host, and when it ended (monotonic seconds).
         self.health: dict[HostAddress, ReplicaHealth] = {}
+        self.checked_at = -math.inf
+
+    def current(self, now: float | None = None) -> bool:
+        """Whether the last check is recent: at most ``STALE_AFTER`` intervals old. An older
+        verdict (a check that hangs, a monitor that stopped) makes no replica fit."""
+        now = time.monotonic() if now is None else now
+        return now - self.checked_at <= STALE_AFTER * self.interval
 
     def fit(self) -> bool:
         """Whether some replica may take ``read_only`` work now (no I/O)."""
-        return bool(self._search.usable())
+        return self.current() and bool(self._search.usable())
 
     def applied_everywhere(self, gtid: str) -> bool:
         """Whether the last check found ``gtid`` applied on every usable replica."""
         usable = self._search.usable()
-        return bool(usable) and all(
-            h in self.health and applied(self.health[h].gtid_position, gtid) for h in usable
+        return (
+            self.current()
+            and bool(usable)
+            and all(
+                h in self.health and applied(self.health[h].gtid_position, gtid) for h in usable
+            )
         )
 
     async def start(self) -> ReplicaMonitor:
@@ -191,6 +209,7 @@ class ReplicaMonitor:
         results = await asyncio.gather(*(self._check(h) for h in hosts))
         now = time.monotonic()
         self.health = {h: self._bounded(h, r, now) for h, r in zip(hosts, results, strict=True)}
+        self.checked_at = now
         unfit = frozenset(h for h, r in self.health.items() if not r.fit(self.max_lag))
         newly = unfit - self._search.avoided
         self._search.avoided = unfit

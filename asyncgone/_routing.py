@@ -9,8 +9,10 @@ memory: the monitor's last verdict on each host; a session costs no round trip f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,11 +22,14 @@ from ._config import seconds
 from ._engine import create_engine
 from ._errors import ConfigurationError, DatabaseUnavailable
 from ._hosts import hosts_of
+from ._invalidation import LOST_CONNECTION
 from ._keepalive import Keepalive
-from ._replicas import ReplicaHealth, ReplicaMonitor
+from ._replicas import STALE_AFTER, ReplicaHealth, ReplicaMonitor
 from ._session import SessionScope
 from ._state import state_of
+from ._statements import execute
 from ._url import mask, resolve_url
+from ._waits import bounded
 
 __all__ = [
     "DEFAULT_CAUSAL_READS_TIMEOUT",
@@ -47,6 +52,26 @@ DEFAULT_REPLICA_CHECK_INTERVAL = 1.0
 DEFAULT_CAUSAL_READS_TIMEOUT = 1.0
 
 Fallback = Literal["primary", "raise"]
+
+
+_READ_ONLY_SQL = "SET SESSION TRANSACTION READ ONLY"
+
+
+def _read_only_sessions(dbapi: Any, timeout: float) -> Callable[[Any, Any], None]:
+    """A ``connect`` listener that makes a new connection's transactions read-only (one
+    statement, at connect, bounded by ``timeout`` seconds)."""
+
+    def listener(dbapi_connection: Any, record: Any) -> None:
+        try:
+            dbapi_connection.run_async(lambda c: bounded(execute(c, _READ_ONLY_SQL), timeout))
+        except dbapi.Error:
+            raise
+        except Exception as exc:  # a timeout, a transport error: the connection is lost
+            raise dbapi.OperationalError(
+                LOST_CONNECTION, f"Lost connection while making the session read-only: {exc!r}"
+            ) from exc
+
+    return listener
 
 
 class Routing:
@@ -84,8 +109,13 @@ class Routing:
         is avoided, not fatal: the primary serves meanwhile)."""
         options = {**engine_options, "target_role": "replica"}
         self.engine = create_engine(self.url, **options)
+        # Every replica session is read-only, even for a user whom the server's read_only
+        # does not stop (SUPER, READ ONLY ADMIN): a COMMIT lost in flight committed nothing.
+        sync_engine = self.engine.sync_engine
         state = state_of(self.engine)
         assert state is not None
+        listener = _read_only_sessions(sync_engine.dialect.dbapi, state.options.ping_timeout)
+        event.listen(sync_engine, "connect", listener)
         assert state.search is not None
         state.search.recheck_after = self.interval
         self.monitor = ReplicaMonitor(
@@ -114,6 +144,10 @@ class Routing:
         if engine is not None:
             await drain_and_dispose(engine, timeout)
 
+    def on_replica(self, scope: SessionScope) -> bool:
+        """Whether ``scope``'s session ran on the replica engine (read-only sessions)."""
+        return self.engine is not None and scope.engine is self.engine
+
     def engine_for(self, primary: AsyncEngine) -> AsyncEngine:
         """The engine for a ``read_only`` session: the replicas' while one is fit."""
         monitor, engine = self.monitor, self.engine
@@ -139,7 +173,8 @@ class Routing:
             return SessionScope(primary, options, cleanup_timeout=cleanup_timeout)
         monitor = self.monitor
         if monitor is not None and monitor.applied_everywhere(gtid):
-            self.tracker.clear()  # every usable replica has it: no wait from now on
+            # Every usable replica had it at the last check: no wait for this session. The
+            # context keeps its GTID: a replica the monitor had not seen yet may not have it.
             return SessionScope(engine, options, cleanup_timeout=cleanup_timeout)
         return CausalScope(
             engine,
@@ -148,7 +183,13 @@ class Routing:
             primary=primary,
             gtid=gtid,
             timeout=self.causal_timeout,
+            bound=self.causal_timeout + self._ping_timeout(engine),
         )
+
+    @staticmethod
+    def _ping_timeout(engine: AsyncEngine) -> float:
+        state = state_of(engine)
+        return 5.0 if state is None else state.options.ping_timeout
 
     def health(self) -> list[ReplicaHealth]:
         """The monitor's last check of every replica host."""
@@ -158,6 +199,8 @@ class Routing:
         """Each replica host and why it is not fit, in one line."""
         if self.monitor is None:
             return "not started"
+        if not self.monitor.current():
+            return f"no replica check in the last {STALE_AFTER} intervals ({self.interval:g} s)"
         parts = [
             f"{h.host} {h.why_not(self.max_lag) or 'fit'}" for h in self.monitor.health.values()
         ]

@@ -56,18 +56,22 @@ async def run_unit(
     options: RunOptions,
     counters: Counters,
     target: str,
-    *,
-    read_only: bool = False,
+    replayable: Callable[[SessionScope], bool] | None = None,
 ) -> _T:
-    """Run ``work`` as ``Database.run()`` documents; ``target`` is the masked URL;
-    ``read_only``: the work only reads, so a COMMIT lost in flight is replayed too."""
+    """Run ``work`` as ``Database.run()`` documents; ``target`` is the masked URL.
+
+    ``replayable`` tells whether an attempt's session ran where nothing can have been
+    written (a replica engine, whose sessions are read-only): a COMMIT lost in flight there
+    committed nothing and is replayed. Anywhere else it raises ``CommitOutcomeUnknown``."""
     give_up_at = time.monotonic() + options.deadline
     failures = waits = 0
+    scope: SessionScope | None = None
     while True:
         connected = False
         work_commits = (0, 0)
         try:
-            async with open_scope() as session:
+            scope = open_scope()
+            async with scope as session:
                 # A working connection, or an error here; a connect the server refuses is
                 # retried (_admission) no later than this run's own deadline.
                 with connect_deadline(give_up_at):
@@ -78,10 +82,11 @@ async def run_unit(
                 finally:
                     work_commits = commits(session)  # before the scope's own COMMIT
         except Exception as exc:
-            # Work that only reads (read_only) committed nothing, whatever became of its
-            # COMMIT: replayed like a disconnect. Any other work's is never replayed.
+            # Work whose session was read-only (a replica's) committed nothing, whatever
+            # became of its COMMIT: replayed like a disconnect. Any other work's is never
+            # replayed, read_only=True or not: the caller's word is no guarantee.
             lost_commit = isinstance(exc, CommitOutcomeUnknown)
-            if lost_commit and not read_only:
+            if lost_commit and (scope is None or replayable is None or not replayable(scope)):
                 counters.commit_outcome_unknown += 1
                 raise
             if work_commits != (0, 0):

@@ -140,6 +140,12 @@ class HostSearch:
             role = "replica" if facts.read_only else "primary"
             self.seen[host] = role
             self.down.pop(host, None)
+            if host in self.avoided:
+                # Avoided while this connection was being opened: the owner's invalidation
+                # of the pool came before it and would not retire it.
+                tried.append(f"{host} avoided meanwhile")
+                await close(conn, self._ping_timeout)
+                continue
             if role_fits(self.target, facts.read_only):
                 self.preferred = host
                 self._facts[conn] = facts
@@ -155,7 +161,7 @@ class HostSearch:
     ) -> tuple[Any, ServerFacts]:
         conn = await connect(*args, **{**kwargs, "host": host.host, "port": host.port})
         try:
-            facts = await read_facts(conn, self._ping_timeout)
+            facts = await read_facts(conn, self._ping_timeout, role=True)
         except BaseException as exc:
             await close(conn, self._ping_timeout)
             if isinstance(exc, (TimeoutError, OSError)):

@@ -1,7 +1,8 @@
 """Server facts as each connection gets them, and the idle limit derived from them.
 
-The same query tells whether the server is read-only, which the host search of a
-multi-host URL (``_search``) needs to pick a server by role.
+An engine with a host search (a multi-host URL or a ``target_role``, ``_search``) asks the
+same query whether the server is read-only (``role=True``): two more columns in the same
+round trip. A single-host engine runs the query it always ran, without them.
 
 ``wait_timeout`` counts *idle* seconds on the server. A session's value comes from the
 global ``wait_timeout``, or from ``interactive_timeout`` when the client connected with
@@ -14,17 +15,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ._errors import error_code
 from ._statements import fetch_row
 from ._waits import bounded
 
-__all__ = ["FACTS_SQL", "ServerFacts", "auto_idle_limit", "read_facts", "recycle_warning"]
+__all__ = [
+    "FACTS_SQL",
+    "ROLE_VARIABLES",
+    "ServerFacts",
+    "auto_idle_limit",
+    "is_on",
+    "read_facts",
+    "recycle_warning",
+]
 
-# The role columns cost nothing more: the same one query, the same round trip. MySQL's
-# super_read_only turns read_only on with it; Aurora readers report innodb_read_only.
-FACTS_SQL = (
-    "SELECT @@session.wait_timeout, @@max_allowed_packet, @@global.read_only, "
-    "@@global.innodb_read_only"
-)
+FACTS_SQL = "SELECT @@session.wait_timeout, @@max_allowed_packet"
+
+#: The global variables that make a server refuse the application's writes. MySQL's
+#: super_read_only turns read_only on with it; Aurora readers report innodb_read_only, which
+#: a server built without InnoDB lacks.
+ROLE_VARIABLES = ("read_only", "innodb_read_only")
+
+_UNKNOWN_SYSTEM_VARIABLE = 1193  # ER_UNKNOWN_SYSTEM_VARIABLE
 
 # The idle limit stays this far below wait_timeout: 10 % of it, at least half a second (the
 # clocks of client and server start counting idleness at slightly different moments), at
@@ -38,8 +50,9 @@ _MARGIN_MAX = 60.0
 class ServerFacts:
     """What the server told one connection about its limits and its role.
 
-    ``read_only`` is true when ``@@read_only`` or ``@@innodb_read_only`` is on: the server
-    refuses the application's writes (a replica, or a primary being switched over).
+    ``read_only`` is true when ``@@global.read_only`` or ``@@global.innodb_read_only`` is on
+    (see ``is_on``): the server refuses the application's writes (a replica, or a primary
+    being switched over). It is read only when asked for (``read_facts(role=True)``).
     """
 
     wait_timeout: float
@@ -47,16 +60,57 @@ class ServerFacts:
     read_only: bool = False
 
 
-async def read_facts(conn: Any, timeout: float) -> ServerFacts:
-    """Ask a new driver connection for its limits, within ``timeout`` seconds."""
-    row = await bounded(fetch_row(conn, FACTS_SQL), timeout)
+def is_on(value: Any) -> bool:
+    """Whether a read-only variable's value says the server refuses writes.
+
+    Anything but off counts: ``1``, ``"ON"``, and the levels of MariaDB's enum
+    ``read_only`` (11.8 and later: ``OFF``, ``ON``, ``NO_LOCK``, ``NO_LOCK_NO_ADMIN``, or
+    their numbers 0-3); off is ``0``, ``"0"``, ``"OFF"``, ``"FALSE"``, an empty value or
+    NULL (a variable the server lacks).
+    """
+    if value is None:
+        return False
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        return value.strip().upper() not in ("", "0", "OFF", "FALSE", "NO")
+    return bool(value)
+
+
+def _role_sql(variables: tuple[str, ...]) -> str:
+    return ", ".join([FACTS_SQL, *(f"@@global.{name}" for name in variables)])
+
+
+async def read_facts(
+    conn: Any, timeout: float, *, role: bool = False, variables: tuple[str, ...] = ROLE_VARIABLES
+) -> ServerFacts:
+    """Ask a new driver connection for its limits, within ``timeout`` seconds in all.
+
+    With ``role``, the same query also reads ``variables`` (default ``ROLE_VARIABLES``);
+    a server that lacks one of them (error 1193) is asked again without those after the
+    first (``@@global.read_only`` exists everywhere), so a missing variable never fails
+    the connect.
+    """
+    if not role:
+        row = await bounded(fetch_row(conn, FACTS_SQL), timeout)
+    else:
+        row = await bounded(_fetch_role_row(conn, variables), timeout)
     if row is None:  # pragma: no cover - the server always answers a SELECT of variables
         raise RuntimeError(f"{FACTS_SQL!r} returned no row")
     return ServerFacts(
         wait_timeout=float(row[0]),
         max_allowed_packet=int(row[1]),
-        read_only=bool(int(row[2] or 0) or int(row[3] or 0)),
+        read_only=any(is_on(value) for value in row[2:]),
     )
+
+
+async def _fetch_role_row(conn: Any, variables: tuple[str, ...]) -> tuple[Any, ...] | None:
+    try:
+        return await fetch_row(conn, _role_sql(variables))
+    except Exception as exc:
+        if error_code(exc) != _UNKNOWN_SYSTEM_VARIABLE or len(variables) < 2:
+            raise
+    return await fetch_row(conn, _role_sql(variables[:1]))
 
 
 def auto_idle_limit(wait_timeout: float) -> float:

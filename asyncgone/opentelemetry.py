@@ -73,8 +73,8 @@ from opentelemetry.metrics import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import __version__, _metrics
-from ._database import Database, pool_status
-from ._metrics import BUCKETS, COUNTERS, PoolMetrics, limits
+from ._database import Database
+from ._metrics import BUCKETS, COUNTERS, PoolMetrics, limits, pool_status
 from ._state import EngineState, state_of
 
 __all__ = ["SCHEMA_URL", "Instrumentation", "instrument"]

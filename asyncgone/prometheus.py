@@ -71,8 +71,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._database import Database, pool_status
-from ._metrics import COUNTERS, PoolMetrics, instrument, limits
+from ._database import Database
+from ._metrics import COUNTERS, PoolMetrics, instrument, limits, pool_status
 from ._state import state_of
 from ._stats import Counters
 

@@ -108,3 +108,14 @@ def test_a_replica_url_with_a_sync_driver_is_refused_without_the_password() -> N
     with pytest.raises(asyncgone.ConfigurationError, match="synchronous driver") as info:
         asyncgone.Database(URL, replicas="mysql+pymysql://app:s3cret@r1/app")
     assert "s3cret" not in str(info.value)
+
+
+def test_a_statement_kill_needs_the_driver_connection() -> None:
+    """StatementKiller.stop() takes the driver connection, never defaulted: with several
+    hosts only that connection says which server the thread id belongs to."""
+    import inspect
+
+    from asyncgone._cancel import StatementKiller
+
+    raw = inspect.signature(StatementKiller.stop).parameters["raw"]
+    assert raw.default is inspect.Parameter.empty

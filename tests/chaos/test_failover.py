@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import anyio.to_thread
 import pytest
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
@@ -86,14 +87,26 @@ async def test_a_commit_refused_by_a_read_only_server_has_a_known_outcome(
         nonlocal tries
         tries += 1
         await session.execute(text("INSERT INTO ag_failover VALUES ()"))
-        if tries == 1:  # read-only while this transaction is open; writable 0.3 s later
+        if tries == 1:  # read-only while this transaction is open
             await anyio.to_thread.run_sync(disposable.query, "SET GLOBAL read_only = 1")
-            threading.Timer(0.3, disposable.query, ["SET GLOBAL read_only = 0"]).start()
+
+    writable = threading.Thread(target=disposable.query, args=["SET GLOBAL read_only = 0"])
+
+    def once_refused(context: Any) -> None:
+        # Writable again only once the COMMIT was refused (1290): no race with the COMMIT.
+        if "1290" in str(context.original_exception) and writable.ident is None:
+            writable.start()
 
     # target_role="primary": until the server is writable again, new connections are
     # refused by the host search and run() waits (bounded) instead of replaying in vain.
     async with asyncgone.Database(app_user.url(driver), target_role="primary") as db:
-        await db.run(insert)
+        event.listen(db.engine.sync_engine, "handle_error", once_refused)
+        try:
+            await db.run(insert)
+        finally:
+            if writable.ident is not None:
+                await anyio.to_thread.run_sync(writable.join, 10.0)
+        assert not writable.is_alive()
         assert tries == 2
         assert db.stats().commit_outcome_unknown == 0
         assert db.stats().replays == 1

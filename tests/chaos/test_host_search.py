@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 import asyncgone
+from asyncgone._state import state_of
 from asyncgone.testing import FaultProxy
 from tests._support import Server
 
@@ -98,5 +100,85 @@ async def test_access_denied_is_raised_at_once_not_searched_past(
                     pass
             assert "no host" not in str(info.value)
             assert proxy.accepted == 0
+        finally:
+            await engine.dispose()
+
+
+async def test_database_start_waits_for_the_search_past_blackholed_hosts(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """Two blackholed hosts ahead of the server: the search needs two connect bounds, more
+    than connect_timeout + ping_timeout; Database.start() waits for the search's own
+    deadline and starts."""
+    with FaultProxy(shared.host, shared.port) as second:
+        second.blackhole(include_new=True)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        url = (
+            f"mysql+{driver}://{auth}@/test?host={blackholed.host}:{blackholed.port}"
+            f"&host={second.host}:{second.port}&host={shared.host}:{shared.port}"
+        )
+        db = asyncgone.Database(url, connect_timeout=1, ping_timeout=0.5, target_role="any")
+        async with db, db.session() as session:
+            assert (await session.execute(text("SELECT @@port"))).scalar_one() == shared.port
+        assert blackholed.accepted == 1
+        assert second.accepted == 1
+
+
+async def test_a_host_avoided_while_connecting_is_not_handed_out(
+    shared: Server, driver: str
+) -> None:
+    """The owner (the replica monitor) avoids a host while a connection to it is being
+    opened (0.3 s per round trip through a slow proxy): the search drops that connection
+    rather than hand out one that the owner's pool invalidation already missed."""
+    with FaultProxy(shared.host, shared.port) as proxy:
+        proxy.set_latency(0.3)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        url = f"mysql+{driver}://{auth}@{proxy.host}:{proxy.port}/test"
+        engine = asyncgone.create_engine(url, target_role="primary", connect_timeout=10)
+        state = state_of(engine)
+        assert state is not None
+        search = state.search
+        assert search is not None
+        try:
+
+            async def avoid_soon() -> None:
+                await anyio.sleep(0.2)  # inside the connect: several round trips
+                search.avoided = frozenset(search.hosts)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(avoid_soon)
+                with pytest.raises(sa_exc.OperationalError, match="avoided meanwhile"):
+                    async with engine.connect():
+                        pass
+        finally:
+            await engine.dispose()
+
+
+async def test_the_keepalive_fills_min_idle_past_blackholed_hosts(
+    shared: Server, blackholed: FaultProxy, driver: str
+) -> None:
+    """Three blackholed hosts ahead of the server: opening one connection takes three
+    connect bounds, more than the keepalive's per-connection bound used to allow
+    (connect_timeout + ping_timeout + 5 s); it waits for the search's deadline instead."""
+    with (
+        FaultProxy(shared.host, shared.port) as second,
+        FaultProxy(shared.host, shared.port) as third,
+    ):
+        for proxy in (second, third):
+            proxy.blackhole(include_new=True)
+        auth = shared.user + (f":{shared.password}" if shared.password else "")
+        hosts = "&".join(f"host={p.host}:{p.port}" for p in (blackholed, second, third, shared))
+        engine = asyncgone.create_engine(
+            f"mysql+{driver}://{auth}@/test?{hosts}",
+            connect_timeout=3,
+            ping_timeout=0.5,
+            target_role="any",
+        )
+        try:
+            async with asyncgone.keepalive(engine, interval=0.2, min_idle=1):
+                with anyio.fail_after(30):
+                    while engine.sync_engine.pool.checkedin() < 1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                        await anyio.sleep(0.2)
+            assert third.accepted == 1
         finally:
             await engine.dispose()

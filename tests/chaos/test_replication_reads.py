@@ -66,8 +66,10 @@ async def test_a_lagging_replica_is_avoided_within_one_check_interval(
     async with database(topology, driver, pool_size=4) as db:
         await ports_read(db)  # connections to both replicas in the pool
         with topology.lag(lagging):
-            await anyio.sleep(2 * INTERVAL + 0.2)  # one check interval, and one in progress
-            assert await ports_read(db, 6) == {healthy.port}
+            # One check interval, and one in progress; polled, with a generous bound.
+            with anyio.fail_after(10):
+                while await ports_read(db, 6) != {healthy.port}:  # noqa: ASYNC110
+                    await anyio.sleep(INTERVAL / 2)
         await anyio.to_thread.run_sync(topology.wait_caught_up)
         # Recovered: new connections (beyond the 4 pooled ones, all on the healthy
         # replica now) go to it again.
@@ -196,3 +198,25 @@ async def test_learning_a_commits_gtid_costs_one_select_and_no_rollback(
         after = {name: com(topology.primary, name) for name in ("Com_rollback", "Com_select")}
     assert after["Com_rollback"] - before["Com_rollback"] == 0
     assert after["Com_select"] - before["Com_select"] == 10  # the GTID reads
+
+
+async def test_a_stale_verdict_sends_read_only_work_to_the_primary(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """The monitor stops checking (its task gone): after STALE_AFTER intervals its last
+    verdict no longer counts, and read_only sessions go to the primary."""
+    topology = asyncgone_replication
+    async with database(topology, driver) as db:
+        assert await ports_read(db, 2) <= {r.port for r in topology.replicas}
+        routing = db._routing
+        assert routing is not None
+        monitor = routing.monitor
+        assert monitor is not None
+        task = monitor._task
+        assert task is not None
+        task.cancel()
+        with anyio.fail_after(10):
+            while monitor.fit():  # noqa: ASYNC110
+                await anyio.sleep(INTERVAL)
+        assert await ports_read(db, 2) == {topology.primary.port}
+        assert "no replica check" in routing.report()

@@ -109,9 +109,13 @@ async def test_connection_lost_during_commit_is_never_replayed(
     assert rows(shared, table) == ([(7, 7)] if deliver else [])
 
 
-async def test_read_only_work_whose_commit_is_lost_is_replayed(url: str, table: str) -> None:
-    """run(read_only=True): the work only reads, so a COMMIT lost in flight committed
-    nothing that matters: it is replayed, not reported as CommitOutcomeUnknown."""
+async def test_read_only_work_on_the_primary_whose_commit_is_lost_is_not_replayed(
+    url: str, table: str
+) -> None:
+    """run(read_only=True) without replicas runs on the primary, where nothing makes the
+    session read-only: the caller's word is no guarantee, so a COMMIT lost in flight raises
+    CommitOutcomeUnknown as for any work (run(read_only=True) on a replica replays it:
+    tests/chaos/test_replication_causal.py)."""
     calls = 0
 
     async def read(session: AsyncSession) -> int:
@@ -122,11 +126,12 @@ async def test_read_only_work_whose_commit_is_lost_is_replayed(url: str, table: 
     with FaultProxy.for_url(url) as proxy:
         async with Database(proxy.url) as db:
             proxy.cut_on(b"COMMIT", deliver=True)
-            assert await db.run(read, read_only=True) == 0
-            assert calls == 2
+            with pytest.raises(CommitOutcomeUnknown):
+                await db.run(read, read_only=True)
+            assert calls == 1
             assert proxy.tripped == 1
-            assert db.stats().commit_outcome_unknown == 0
-            assert db.stats().replays == 1
+            assert db.stats().commit_outcome_unknown == 1
+            assert db.stats().replays == 0
 
 
 @pytest.mark.parametrize("deliver", [False, True], ids=["cut-before-server", "cut-after-server"])

@@ -86,3 +86,51 @@ async def test_safe_methods_read_from_replicas(
     assert posted.status_code == 200, posted.text
     assert got.json()["port"] in {r.port for r in topology.replicas}
     assert posted.json()["port"] == topology.primary.port
+
+
+async def test_a_request_reads_its_own_write_through_the_starlette_session(
+    asyncgone_replication: ReplicationTopology,
+) -> None:
+    """A GET handler that writes (run()) and then reads through the request's read_only
+    session, which the middleware opens with ``SessionScope.open()``: the session waits for
+    the write's GTID (every replica lags, unnoticed by a monitor that checks once a
+    minute), so it reads from the primary and sees the write."""
+    topology = asyncgone_replication
+    topology.primary.query("CREATE TABLE test.seen (id INT PRIMARY KEY)")
+    db = asyncgone.Database(
+        topology.url("asyncmy", role="primary"),
+        replicas=topology.url("asyncmy", role="replicas"),
+        replica_check_interval=60.0,
+        causal_reads_timeout=0.3,
+    )
+
+    async def write_then_read(request: Request) -> JSONResponse:
+        async def write(session: Any) -> None:
+            await session.execute(text("INSERT INTO seen VALUES (1)"))
+
+        await db.run(write)
+        session = ag_starlette.get_session(request)
+        found = await session.execute(text("SELECT COUNT(*) FROM seen"))
+        port = (await session.execute(PORT)).scalar_one()
+        return JSONResponse({"count": found.scalar_one(), "port": port})
+
+    app = Starlette(
+        routes=[Route("/ryw", write_then_read, methods=["GET"])],
+        middleware=[
+            Middleware(
+                ag_starlette.DatabaseMiddleware, db=db, read_only_methods=ag_starlette.SAFE_METHODS
+            )
+        ],
+        lifespan=ag_starlette.lifespan(db),
+    )
+    async with in_process(app) as client:
+        lags = [topology.lag(replica) for replica in topology.replicas]
+        for lag in lags:
+            lag.__enter__()
+        try:
+            got = await client.get("/ryw")
+        finally:
+            for lag in lags:
+                lag.__exit__(None, None, None)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"count": 1, "port": topology.primary.port}
