@@ -121,6 +121,10 @@ class TCPKeepalive:
 DEFAULT_TCP_KEEPALIVE = TCPKeepalive()
 
 
+# wsrep_sync_wait's bits: 1 reads, 2 UPDATE and DELETE, 4 INSERT and REPLACE, 8 SHOW.
+_MAX_SYNC_WAIT = 15
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """asyncgone's own keywords to ``create_engine()``; everything else goes to SQLAlchemy.
@@ -152,6 +156,13 @@ class EngineOptions:
     - ``host_search_timeout``: seconds the search for a fitting host may take in all, for a
       multi-host URL or a ``target_role``; ``None`` (the default) gives every host one full
       attempt (``connect_timeout`` plus ``ping_timeout`` each).
+    - ``galera_spread``: for Galera nodes (and any multi-host URL), spread new connections
+      round-robin over the hosts that fit instead of sending them all to one node at a time
+      (the default, ``False``, which keeps certification conflicts between the
+      application's own transactions away).
+    - ``wsrep_sync_wait``: the ``wsrep_sync_wait`` bitmask (0 to 15; 1 makes reads causal)
+      set on each new connection to a Galera node, one ``SET`` at connect; ``None`` (the
+      default) keeps the server's.
     """
 
     recycle: float | Literal["auto"] | None = DEFAULT_RECYCLE
@@ -167,6 +178,8 @@ class EngineOptions:
     leak_threshold: float | None = None
     target_role: TargetRole | None = None
     host_search_timeout: float | None = None
+    galera_spread: bool = False
+    wsrep_sync_wait: int | None = None
 
     def __post_init__(self) -> None:
         recycle: object = self.recycle
@@ -198,6 +211,14 @@ class EngineOptions:
             check_target_role(self.target_role)
         if self.host_search_timeout is not None:
             _seconds("host_search_timeout", self.host_search_timeout)
+        check_flag("galera_spread", self.galera_spread)
+        if self.wsrep_sync_wait is not None:
+            check_count("wsrep_sync_wait", self.wsrep_sync_wait, minimum=0)
+            if self.wsrep_sync_wait > _MAX_SYNC_WAIT:
+                raise ConfigurationError(
+                    f"wsrep_sync_wait is a bitmask from 0 to {_MAX_SYNC_WAIT}, "
+                    f"got {self.wsrep_sync_wait!r}"
+                )
         if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
             raise ConfigurationError(
                 f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "

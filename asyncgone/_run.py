@@ -27,6 +27,7 @@ from ._errors import (
     describe,
     error_code,
     is_disconnect,
+    is_node_not_ready,
     is_read_only_refusal,
     is_unavailable,
 )
@@ -118,7 +119,8 @@ def _unreplayable(
 ) -> NoReturn:
     """Raise for a unit of work that failed after committing inside ``work``."""
     begun, done = work_commits
-    if begun > done and is_disconnect(exc) and not is_read_only_refusal(exc):
+    refused = is_read_only_refusal(exc) or is_node_not_ready(exc)
+    if begun > done and is_disconnect(exc) and not refused:
         counters.commit_outcome_unknown += 1
         raise CommitOutcomeUnknown(
             f"the connection to {target} was lost while a COMMIT issued by the unit of work "

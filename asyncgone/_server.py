@@ -1,7 +1,8 @@
 """Server facts as each connection gets them, and the idle limit derived from them.
 
 The same query tells whether the server is read-only, which the host search of a
-multi-host URL (``_search``) needs to pick a server by role.
+multi-host URL (``_search``) needs to pick a server by role, and, on MariaDB, a Galera
+node's wsrep state (``_wsrep``): whether it is Synced and may serve.
 
 ``wait_timeout`` counts *idle* seconds on the server. A session's value comes from the
 global ``wait_timeout``, or from ``interactive_timeout`` when the client connected with
@@ -16,6 +17,7 @@ from typing import Any
 
 from ._statements import fetch_row
 from ._waits import bounded
+from ._wsrep import WsrepState, for_server, parse
 
 __all__ = ["FACTS_SQL", "ServerFacts", "auto_idle_limit", "read_facts", "recycle_warning"]
 
@@ -40,22 +42,27 @@ class ServerFacts:
 
     ``read_only`` is true when ``@@read_only`` or ``@@innodb_read_only`` is on: the server
     refuses the application's writes (a replica, or a primary being switched over).
+    ``wsrep`` is a MariaDB server's Galera state (None on MySQL, or a MariaDB built
+    without wsrep support); see ``_wsrep.WsrepState``.
     """
 
     wait_timeout: float
     max_allowed_packet: int
     read_only: bool = False
+    wsrep: WsrepState | None = None
 
 
 async def read_facts(conn: Any, timeout: float) -> ServerFacts:
     """Ask a new driver connection for its limits, within ``timeout`` seconds."""
-    row = await bounded(fetch_row(conn, FACTS_SQL), timeout)
+    sql = FACTS_SQL + for_server(conn)
+    row = await bounded(fetch_row(conn, sql), timeout)
     if row is None:  # pragma: no cover - the server always answers a SELECT of variables
-        raise RuntimeError(f"{FACTS_SQL!r} returned no row")
+        raise RuntimeError(f"{sql!r} returned no row")
     return ServerFacts(
         wait_timeout=float(row[0]),
         max_allowed_packet=int(row[1]),
         read_only=bool(int(row[2] or 0) or int(row[3] or 0)),
+        wsrep=parse(row[4], row[5]) if len(row) > 4 else None,
     )
 
 

@@ -1,0 +1,101 @@
+"""The keepalive's watch over Galera nodes: which may serve, checked in the background.
+
+Once the host search has met a Galera node (``@@wsrep_on``, read at connect by the
+server-facts query, see ``_wsrep``), every keepalive round also checks each host of the
+engine's URL, concurrently, on a connection of its own per host (outside the pool, kept
+between rounds), with one ``SELECT`` of ``wsrep_on``, ``wsrep_ready``,
+``wsrep_local_state`` and ``wsrep_cluster_status``. Each check is bounded by
+``connect_timeout`` and ``ping_timeout``.
+
+A node that is not ready and Synced in a Primary component, or does not answer, is
+*unsynced*: the host search tries it after every other node (``HostSearch.unsynced``).
+When a node the pool's connections may be on turns unsynced (the node connections went
+to, or any node with ``galera_spread``), the pool is invalidated: its connections are
+retired at their next checkout, with no round trip. A node found Synced again is tried in
+its URL place again for new connections. The checkout path pays nothing for any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from . import _statements
+from ._connector import open_connection
+from ._errors import describe
+from ._hosts import HostAddress
+from ._search import HostSearch
+from ._state import EngineState
+from ._waits import bounded
+from ._wsrep import STATUS_SQL, WsrepState, parse
+
+__all__ = ["GaleraWatch", "NodeCheck"]
+
+log = logging.getLogger("asyncgone")
+
+NodeCheck = WsrepState | str  # the node's state, or why it could not be read
+
+
+class GaleraWatch:
+    """The Galera nodes of one engine's host search; see the module docstring."""
+
+    def __init__(self, state: EngineState, search: HostSearch) -> None:
+        self._state = state
+        self._search = search
+        self._conns: dict[HostAddress, Any] = {}
+        #: The last check of each node.
+        self.checks: dict[HostAddress, NodeCheck] = {}
+
+    async def check(self) -> None:
+        """Check every host now, if any is a Galera node; update what is unsynced."""
+        search = self._search
+        if not search.galera:
+            return
+        hosts = search.hosts
+        results = await asyncio.gather(*(self._check(h) for h in hosts))
+        self.checks = dict(zip(hosts, results, strict=True))
+        newly: list[str] = []
+        for host, result in self.checks.items():
+            if isinstance(result, WsrepState) and result.eligible:
+                if host in search.unsynced:
+                    log.info("Galera node %s is Synced again: it takes connections", host)
+                search.unsynced.discard(host)
+                continue
+            why = result.describe() if isinstance(result, WsrepState) else result
+            if host not in search.unsynced:
+                # The pool may hold connections to it: the one node in use, or any node
+                # when connections spread.
+                if search.spread or search.preferred in (host, None):
+                    newly.append(f"{host} ({why})")
+                else:
+                    log.warning("Galera node %s may not serve: %s", host, why)
+            search.node_unsynced(host, why)
+        if newly:
+            reasons = ", ".join(newly)
+            log.warning("Galera nodes may not serve: %s", reasons)
+            self._state.invalidate_pool(time.monotonic(), f"Galera nodes not serving: {reasons}")
+
+    async def close(self) -> None:
+        """Close the watch's connections (bounded; safe twice)."""
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            await _statements.close(conn, self._state.options.ping_timeout)
+
+    async def _check(self, host: HostAddress) -> NodeCheck:
+        options = self._state.options
+        try:
+            conn = self._conns.get(host)
+            if conn is None:
+                params = {**self._search.params, "host": host.host, "port": host.port}
+                conn = await open_connection(self._state.driver, params, options.connect_timeout)
+                self._conns[host] = conn  # closed by close() from here on
+            row = await bounded(_statements.fetch_row(conn, STATUS_SQL), options.ping_timeout)
+            found = None if row is None else parse(row[1], row[2])
+            return found if found is not None else "no wsrep state"
+        except Exception as exc:
+            conn = self._conns.pop(host, None)
+            if conn is not None:
+                await _statements.close(conn, options.ping_timeout)
+            return f"unreachable ({describe(exc)})"
