@@ -12,7 +12,9 @@ A node that is not ready and Synced in a Primary component, or does not answer, 
 When a node the pool's connections may be on turns unsynced (the node connections went
 to, or any node with ``galera_spread``), the pool is invalidated: its connections are
 retired at their next checkout, with no round trip. A node found Synced again is tried in
-its URL place again for new connections. The checkout path pays nothing for any of this.
+its URL place again for new connections; with ``galera_spread`` the pool is invalidated
+then too, so that its connections spread over it again (one reconnect each, once). The
+checkout path pays nothing for any of this.
 """
 
 from __future__ import annotations
@@ -57,10 +59,12 @@ class GaleraWatch:
         results = await asyncio.gather(*(self._check(h) for h in hosts))
         self.checks = dict(zip(hosts, results, strict=True))
         newly: list[str] = []
+        back: list[str] = []
         for host, result in self.checks.items():
             if isinstance(result, WsrepState) and result.eligible:
                 if host in search.unsynced:
                     log.info("Galera node %s is Synced again: it takes connections", host)
+                    back.append(str(host))
                 search.unsynced.discard(host)
                 continue
             why = result.describe() if isinstance(result, WsrepState) else result
@@ -76,6 +80,11 @@ class GaleraWatch:
             reasons = ", ".join(newly)
             log.warning("Galera nodes may not serve: %s", reasons)
             self._state.invalidate_pool(time.monotonic(), f"Galera nodes not serving: {reasons}")
+        elif back and search.spread:
+            # Spread again: the pool's connections all went to the other nodes meanwhile.
+            self._state.invalidate_pool(
+                time.monotonic(), f"Galera nodes Synced again, to spread over: {', '.join(back)}"
+            )
 
     async def close(self) -> None:
         """Close the watch's connections (bounded; safe twice)."""
