@@ -9,9 +9,11 @@ between rounds), with one ``SELECT`` of ``wsrep_on``, ``wsrep_ready``,
 
 A node that is not ready and Synced in a Primary component, or does not answer, is
 *unsynced*: the host search tries it after every other node (``HostSearch.unsynced``).
-When a node the pool's connections may be on turns unsynced (the node connections went
-to, or any node with ``galera_spread``), the pool is invalidated: its connections are
-retired at their next checkout, with no round trip. A node found Synced again is tried in
+The pool's connections to an unsynced node are retired at their next checkout, with no
+round trip (``HostSearch.retire``). Without ``galera_spread``, so are those to any node
+but the one new connections go to (``HostSearch.preferred``): connections opened while
+that node looked unreachable, which would otherwise write next to the others and meet
+certification conflicts. A node found Synced again is tried in
 its URL place again for new connections; with ``galera_spread`` the pool is invalidated
 then too, so that its connections spread over it again (one reconnect each, once). The
 checkout path pays nothing for any of this.
@@ -58,7 +60,6 @@ class GaleraWatch:
         hosts = search.hosts
         results = await asyncio.gather(*(self._check(h) for h in hosts))
         self.checks = dict(zip(hosts, results, strict=True))
-        newly: list[str] = []
         back: list[str] = []
         for host, result in self.checks.items():
             if isinstance(result, WsrepState) and result.eligible:
@@ -69,18 +70,19 @@ class GaleraWatch:
                 continue
             why = result.describe() if isinstance(result, WsrepState) else result
             if host not in search.unsynced:
-                # The pool may hold connections to it: the one node in use, or any node
-                # when connections spread.
-                if search.spread or search.preferred in (host, None):
-                    newly.append(f"{host} ({why})")
-                else:
-                    log.warning("Galera node %s may not serve: %s", host, why)
+                log.warning("Galera node %s may not serve: %s", host, why)
             search.node_unsynced(host, why)
-        if newly:
-            reasons = ", ".join(newly)
-            log.warning("Galera nodes may not serve: %s", reasons)
-            self._state.invalidate_pool(time.monotonic(), f"Galera nodes not serving: {reasons}")
-        elif back and search.spread:
+        # Connections to a node that may not serve go; so do, unless connections spread,
+        # those to any node but the one in use: a new connection went to another node
+        # while that one looked unreachable, and two nodes writing the same rows conflict.
+        retire = set(search.unsynced)
+        keep = search.preferred
+        if not search.spread and keep is not None:
+            retire.update(h for h in search.hosts if h != keep)
+        retired = search.retire(retire)
+        if retired:
+            log.info("retiring %d connections to Galera nodes other than %s", retired, keep)
+        if back and search.spread:
             # Spread again: the pool's connections all went to the other nodes meanwhile.
             self._state.invalidate_pool(
                 time.monotonic(), f"Galera nodes Synced again, to spread over: {', '.join(back)}"

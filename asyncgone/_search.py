@@ -32,7 +32,8 @@ import logging
 import math
 import time
 import weakref
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 from ._connector import Connector
 from ._errors import describe, is_node_not_ready, is_unavailable
@@ -40,6 +41,9 @@ from ._hosts import HostAddress, TargetRole, role_fits
 from ._server import ServerFacts, read_facts
 from ._statements import close, execute
 from ._waits import bounded
+
+if TYPE_CHECKING:
+    from ._state import ConnectionHolder
 
 __all__ = ["HostSearch"]
 
@@ -91,6 +95,9 @@ class HostSearch:
         self.params: dict[str, Any] = {}
         self._facts: weakref.WeakKeyDictionary[Any, ServerFacts] = weakref.WeakKeyDictionary()
         self._hosts_of: weakref.WeakKeyDictionary[Any, HostAddress] = weakref.WeakKeyDictionary()
+        self._holders: weakref.WeakKeyDictionary[Any, ConnectionHolder] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def usable(self, now: float | None = None) -> list[HostAddress]:
         """The hosts neither avoided nor found unreachable within ``recheck_after``."""
@@ -124,6 +131,22 @@ class HostSearch:
     def host_of(self, conn: Any) -> HostAddress | None:
         """The host a connection this search opened goes to, or None."""
         return self._hosts_of.get(conn)
+
+    def adopt(self, conn: Any, holder: ConnectionHolder) -> None:
+        """Remember the holder of a pooled connection this search opened (for ``retire``)."""
+        if conn in self._hosts_of:
+            self._holders[conn] = holder
+
+    def retire(self, hosts: Collection[HostAddress]) -> int:
+        """Retire the pooled connections to ``hosts`` at their next checkout, as at the end
+        of their lifetime (no round trip, nothing closed here); return how many."""
+        retired = 0
+        for conn, host in list(self._hosts_of.items()):
+            holder = self._holders.get(conn)
+            if host in hosts and holder is not None and holder.expires > -math.inf:
+                holder.expires = holder.trusted_until = -math.inf
+                retired += 1
+        return retired
 
     def wrap(self, connect: Connector) -> Connector:
         """A connector that searches the hosts, opening each with ``connect``."""
