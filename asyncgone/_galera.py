@@ -77,12 +77,13 @@ class GaleraWatch:
         # while that one looked unreachable, and two nodes writing the same rows conflict.
         retire = set(search.unsynced)
         keep = search.preferred
-        if not search.spread and keep is not None:
+        spread = search.spread or search.target == "replica"  # replicas go round-robin
+        if not spread and keep is not None:
             retire.update(h for h in search.hosts if h != keep)
         retired = search.retire(retire)
         if retired:
             log.info("retiring %d connections to Galera nodes other than %s", retired, keep)
-        if back and search.spread:
+        if back and spread:
             # Spread again: the pool's connections all went to the other nodes meanwhile.
             self._state.invalidate_pool(
                 time.monotonic(), f"Galera nodes Synced again, to spread over: {', '.join(back)}"
