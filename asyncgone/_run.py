@@ -1,11 +1,14 @@
 """The unit-of-work runner behind ``Database.run()``: replay only what cannot apply twice.
 
 A unit of work runs in a fresh session scope and is committed by the scope. It is run
-again, after a jittered backoff, only when its failure happened before COMMIT was sent
-and left nothing behind: a disconnect (the server rolled the transaction back), or an error
-code the caller lists (deadlock, lock wait timeout). While no connection can be had at all,
-the runner waits, up to its deadline. A connection lost while COMMIT was in flight is never
-replayed: ``CommitOutcomeUnknown``.
+again, after a jittered backoff, only when it failed and left nothing behind: a disconnect
+before COMMIT was sent (the server rolled the transaction back), a refusal by the server
+(a COMMIT refused by a server turned read-only, or by a Galera node that may not serve,
+1047), or an error code the caller lists (deadlock, lock wait timeout; a Galera
+certification failure is a 1213 at COMMIT or at the next statement, and nothing of the
+transaction committed). While no connection can be had at all, the runner waits, up to its
+deadline. A connection lost while COMMIT was in flight is never replayed:
+``CommitOutcomeUnknown``.
 """
 
 from __future__ import annotations
