@@ -121,7 +121,7 @@ def host_lines(hosts: list[dict[str, Any]]) -> list[str]:
         if not entry["reachable"]:
             lines.append(f"  {entry['host']:<22}unreachable ({entry.get('error')})")
         elif "galera" in entry:
-            lines.append(f"  {entry['host']:<22}{entry['role']}, Galera node: {entry['galera']}")
+            lines.append(f"  {entry['host']:<22}Galera node: {entry['galera']}")
         else:
             lag = entry["lag_s"]
             gtid = entry["gtid_position"] or "-"
