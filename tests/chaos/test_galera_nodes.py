@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
+from asyncgone._state import state_of
 from asyncgone.testing import GaleraCluster, MariaDBServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.topology]
@@ -111,6 +112,38 @@ async def test_the_node_in_use_desynced_moves_every_session_to_the_next(
         finally:
             await anyio.to_thread.run_sync(cluster.resync, first)
     assert errors == []
+
+
+async def test_a_1047_on_a_pooled_connection_moves_work_to_the_next_node_at_once(
+    asyncgone_galera: GaleraCluster, driver: str
+) -> None:
+    """Without the keepalive: the node in use starts rejecting queries under a warm pool;
+    the first table read meets 1047, the node is tried last from then on, and the read is
+    replayed on the next node."""
+    cluster = asyncgone_galera
+    setup(cluster)
+    first, second, _ = cluster.nodes
+
+    async def count(session: AsyncSession) -> int:
+        await session.execute(text("SELECT COUNT(*) FROM ledger"))
+        return await port_of(session)
+
+    async with asyncgone.Database(cluster.url(driver), pool_size=2, keepalive=False) as db:
+        assert set(await ports(db, rounds=1)) == {first.port}
+        await anyio.to_thread.run_sync(first.query, "SET GLOBAL wsrep_reject_queries=ALL")
+        try:
+            assert await db.run(count) == second.port
+            replays = db.stats().replays
+            search = state_of(db.engine).search  # type: ignore[union-attr]
+            assert search is not None
+            unsynced = set(search.unsynced)
+            # Marked by the error itself, not by a connect attempt that found it rejecting.
+            why = next(v for h, v in search.seen.items() if h.port == first.port)
+        finally:
+            await anyio.to_thread.run_sync(first.query, "SET GLOBAL wsrep_reject_queries=NONE")
+    assert replays == 1
+    assert {h.port for h in unsynced} == {first.port}
+    assert "1047" in why
 
 
 async def test_a_certification_conflict_between_two_nodes_is_replayed(
