@@ -23,7 +23,7 @@ thread and backs off; asyncgone does the same per engine:
   capacity, while the engine holds other connections, is raised at once, and its next try
   waits for one of them to come back (the overflow being held) instead of asking again;
 - otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
-  after it began (by default the pool's ``pool_timeout``), the deadline of its anyio cancel
+  after it began (5 by default, or the pool's ``pool_timeout``), the deadline of its anyio cancel
   scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
   ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
   the caller gets the server's last refusal, as it would have without asyncgone.

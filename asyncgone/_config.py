@@ -74,13 +74,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: all of them at once (HikariCP opens one at a time). ``None`` removes the cap.
 DEFAULT_MAX_CONNECTING = 2
 
-#: How long a connect keeps trying after the server refused it (1040 too many connections,
-#: 1203 ``max_user_connections``, 1129 host blocked) or nothing listened (a refused socket
-#: connect, 2002/2003):
-#: ``"pool_timeout"`` is the pool's own ``pool_timeout`` (SQLAlchemy's default: 30 s), the
-#: time a checkout may wait for a connection anyway. A caller's cancel scope, and the
-#: deadline of ``Database.run()``, end it earlier.
-DEFAULT_CONNECT_RETRY: Literal["pool_timeout"] = "pool_timeout"
+#: How long, in seconds, a connect keeps trying after the server refused it (1040 too many
+#: connections, 1203 ``max_user_connections``, 1129 host blocked) or nothing listened (a
+#: refused socket connect, 2002/2003): long enough for a restart or a burst of reconnects,
+#: short enough that a server that stays down gets the caller an error (a 503 from the
+#: integrations) within seconds. ``"pool_timeout"`` waits as long as a checkout may wait
+#: for a connection anyway. A caller's cancel scope, and ``Database.run()``'s deadline, end
+#: it earlier.
+DEFAULT_CONNECT_RETRY = 5.0
 
 #: The longest pause, in seconds, between two connect attempts of an engine the server keeps
 #: refusing; the pauses start at 0.1 s and double with each refusal in a row, jittered.
@@ -142,6 +143,10 @@ class TCPKeepalive:
 DEFAULT_TCP_KEEPALIVE = TCPKeepalive()
 
 
+# wsrep_sync_wait's bits: 1 reads, 2 UPDATE and DELETE, 4 INSERT and REPLACE, 8 SHOW.
+_MAX_SYNC_WAIT = 15
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     """asyncgone's own keywords to ``create_engine()``; everything else goes to SQLAlchemy.
@@ -178,10 +183,17 @@ class EngineOptions:
     - ``connect_retry``: seconds a connect keeps retrying, with a backoff, after the server
       refused it (1040, 1203, 1129) or nothing listened (2002/2003, a refused socket
       connect, retried only once the engine has reached its server: before, it is more
-      likely a wrong port, raised at once); ``"pool_timeout"`` (default) uses the pool's
+      likely a wrong port, raised at once); default 5; ``"pool_timeout"`` uses the pool's
       ``pool_timeout``; ``None`` or ``0`` raises the first refusal.
     - ``connect_backoff_max``: the longest pause between two refused attempts, in seconds
       (default 2).
+    - ``galera_spread``: for Galera nodes (and any multi-host URL), spread new connections
+      round-robin over the hosts that fit instead of sending them all to one node at a time
+      (the default, ``False``, which keeps certification conflicts between the
+      application's own transactions away).
+    - ``wsrep_sync_wait``: the ``wsrep_sync_wait`` bitmask (0 to 15; 1 makes reads causal)
+      set on each new connection to a Galera node, one ``SET`` at connect; ``None`` (the
+      default) keeps the server's.
     """
 
     recycle: float | Literal["auto"] | None = DEFAULT_RECYCLE
@@ -200,6 +212,8 @@ class EngineOptions:
     max_connecting: int | None = DEFAULT_MAX_CONNECTING
     connect_retry: float | Literal["pool_timeout"] | None = DEFAULT_CONNECT_RETRY
     connect_backoff_max: float = DEFAULT_CONNECT_BACKOFF_MAX
+    galera_spread: bool = False
+    wsrep_sync_wait: int | None = None
 
     def __post_init__(self) -> None:
         recycle: object = self.recycle
@@ -242,6 +256,14 @@ class EngineOptions:
                 )
             _seconds("connect_retry", retry, allow_zero=True)
         _seconds("connect_backoff_max", self.connect_backoff_max)
+        check_flag("galera_spread", self.galera_spread)
+        if self.wsrep_sync_wait is not None:
+            check_count("wsrep_sync_wait", self.wsrep_sync_wait, minimum=0)
+            if self.wsrep_sync_wait > _MAX_SYNC_WAIT:
+                raise ConfigurationError(
+                    f"wsrep_sync_wait is a bitmask from 0 to {_MAX_SYNC_WAIT}, "
+                    f"got {self.wsrep_sync_wait!r}"
+                )
         if self.tcp_keepalive is not None and not isinstance(self.tcp_keepalive, TCPKeepalive):
             raise ConfigurationError(
                 f"tcp_keepalive must be an asyncgone.TCPKeepalive or None, "

@@ -114,6 +114,8 @@ class ConnectSetup:
         holder.closed = driver.watch(conn)
         holder.conn = weakref.ref(conn)
         holder.remember(record)
+        if state.search is not None:  # so that a Galera node's connections can be retired
+            state.search.adopt(conn, holder)
         if self._loops is not None:
             self._loops.adopt(loop, dbapi_connection)
 

@@ -5,7 +5,8 @@ Each host gets a connection of its own (bounded by the doctor's timeout), the qu
 new asyncgone connection runs (``_server.read_facts``: the role), and the replica check
 the ``Database``'s replica monitor runs (``_replicas.check_host``: ``SHOW SLAVE STATUS``,
 the GTID positions; reading replication state needs the SLAVE MONITOR or REPLICATION
-CLIENT privilege, else it shows as not replicating).
+CLIENT privilege, else it shows as not replicating). A Galera node shows its wsrep state
+instead, read by the same facts query (``_wsrep``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ async def _examine(
     finally:
         await close(conn, timeout)
     role = "replica" if facts.read_only else "primary"
+    wsrep = facts.wsrep if facts.wsrep is not None and facts.wsrep.on else None
+    if wsrep is not None:
+        entry.update(
+            reachable=True,
+            role=role,
+            read_only=facts.read_only,
+            galera=wsrep.describe(),
+            galera_eligible=wsrep.eligible,
+            asyncgone=(
+                f"connections for target_role={target!r} may go here (Synced)"
+                if wsrep.eligible
+                else "skipped: a Galera node that may not serve (tried after the others)"
+            ),
+        )
+        return entry
     entry.update(
         reachable=True,
         role=role,
@@ -104,6 +120,8 @@ def host_lines(hosts: list[dict[str, Any]]) -> list[str]:
     for entry in hosts:
         if not entry["reachable"]:
             lines.append(f"  {entry['host']:<22}unreachable ({entry.get('error')})")
+        elif "galera" in entry:
+            lines.append(f"  {entry['host']:<22}Galera node: {entry['galera']}")
         else:
             lag = entry["lag_s"]
             gtid = entry["gtid_position"] or "-"

@@ -57,11 +57,14 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
             (read from ``@@read_only`` and ``@@innodb_read_only`` by the query asyncgone
             runs on each new connection anyway) fits ``target_role``. When none fits within
             ``host_search_timeout``, connecting fails with the driver's error 2003 naming
-            every host tried and its role.
+            every host tried and its role. A Galera node fits only while it is ready and
+            Synced in a Primary component (read by the same query; see the Topologies
+            page).
         **kwargs: asyncgone's options (``recycle``, ``max_lifetime``, ``ping_after``,
             ``ping_timeout``, ``connect_timeout``, ``tcp_keepalive``, ``kill_on_cancel``,
             ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
-            ``leak_threshold``, ``target_role``, ``host_search_timeout``: see
+            ``leak_threshold``, ``target_role``, ``host_search_timeout``,
+            ``galera_spread``, ``wsrep_sync_wait``: see
             ``EngineOptions``) and anything
             ``leak_threshold``, ``max_connecting``, ``connect_retry``,
             ``connect_backoff_max``: see ``EngineOptions``) and anything
@@ -153,7 +156,7 @@ def _host_search(
 ) -> HostSearch | None:
     """The host search for a multi-host URL or an explicit ``target_role`` (else None)."""
     target = options.target_role or ("primary" if len(hosts) > 1 else "any")
-    if not hosts and target == "any":
+    if not hosts and target == "any" and options.wsrep_sync_wait is None:
         return None
     if not driver.known:
         raise ConfigurationError(
@@ -170,4 +173,6 @@ def _host_search(
         ping_timeout=options.ping_timeout,
         deadline=deadline,
         error=connect_error(driver.name),
+        spread=options.galera_spread,
+        sync_wait=options.wsrep_sync_wait,
     )

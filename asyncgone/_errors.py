@@ -39,6 +39,7 @@ __all__ = [
     "error_code",
     "is_aftermath",
     "is_disconnect",
+    "is_node_not_ready",
     "is_read_only_refusal",
     "is_unavailable",
 ]
@@ -98,6 +99,11 @@ _CONNECTION_CODES = frozenset({1153, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
 _READ_ONLY_MODE = 1836
 _SERVER_CODES = frozenset({1053, _READ_ONLY_MODE})
 _READ_ONLY_OPTION = 1290
+
+# A Galera node that may not serve (not Synced, out of the primary component, rejecting
+# queries) answers 1047 with a "WSREP" message on a socket that stays open: the node, not
+# the connection (1047 without it is MySQL's "unknown command", a protocol error).
+_NODE_NOT_READY = 1047
 
 # Driver messages for a connection that is closed or desynchronised. The first five are
 # SQLAlchemy's; the rest are asyncgone's additions, seen with aiomysql and asyncmy.
@@ -193,7 +199,7 @@ def disconnect_scope(exc: BaseException) -> Scope | None:
         return None
     code = error_code(exc)
     if code is not None:
-        if code in _SERVER_CODES:
+        if code in _SERVER_CODES or is_node_not_ready(exc):
             return Scope.SERVER
         if code == _READ_ONLY_OPTION:
             text = str(exc).lower()
@@ -215,10 +221,20 @@ _UNAVAILABLE_CODES = frozenset({1040, 1053, 1129, 1203, 2002, 2003, 2005, 2006, 
 
 def is_unavailable(exc: BaseException) -> bool:
     """Tell whether ``exc`` means the database cannot be used right now but may be soon:
-    ``DatabaseUnavailable``, a disconnect, or a transient failure to connect."""
+    ``DatabaseUnavailable``, a disconnect, or a transient failure to connect (a Galera
+    node not ready, 1047, included)."""
     if isinstance(exc, (DatabaseUnavailable, OSError, TimeoutError)):
         return True
     return error_code(exc) in _UNAVAILABLE_CODES or is_disconnect(exc)
+
+
+def is_node_not_ready(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is a Galera node's refusal to serve: error 1047 "WSREP has not
+    yet prepared node for application use" (not Synced, out of the primary component, or
+    ``wsrep_reject_queries``). The statement did not run; the node's connections are alive
+    but useless until it is Synced again."""
+    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    return error_code(inner) == _NODE_NOT_READY and "wsrep" in str(inner).lower()
 
 
 def is_read_only_refusal(exc: BaseException) -> bool:

@@ -9,6 +9,8 @@ SQLAlchemy's ``handle_error`` event sees every error raised on a connection's pa
 - keeps SQLAlchemy from invalidating the whole pool when one connection died; the pool is
   invalidated (by generation, see ``EngineState``) on a server-wide code, or when several
   connections die together;
+- notes a Galera node that refused a statement with 1047 as not serving (``_search``),
+  so the next connections go to the other nodes;
 - turns a raw transport error (uvloop's ``RuntimeError`` for a closed transport, a
   ``ConnectionResetError``) into the driver's own "lost connection" error (2013), so callers
   meet the ``OperationalError`` every other disconnect raises, with the original chained.
@@ -24,7 +26,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError
 
-from ._errors import Scope, describe, disconnect_scope, error_code, is_aftermath
+from ._errors import (
+    Scope,
+    describe,
+    disconnect_scope,
+    error_code,
+    is_aftermath,
+    is_node_not_ready,
+)
 from ._state import EngineState
 from ._stats import Reason
 
@@ -61,6 +70,8 @@ class ErrorHandling:
         ctx.invalidate_pool_on_disconnect = False
         if not is_aftermath(error):
             self._count(error, scope)
+            if is_node_not_ready(error):
+                self._node_not_ready(ctx, error)
         else:
             # The driver closed this connection itself, after a loss or a cancellation that
             # was already counted: discard it quietly, and do not count it as news.
@@ -68,6 +79,19 @@ class ErrorHandling:
         if isinstance(error, (DBAPIError, self._dbapi.Error)):
             return None
         return self._as_driver_error(ctx, error)
+
+    def _node_not_ready(self, ctx: ExceptionContext, error: BaseException) -> None:
+        """A Galera node refused (1047): new connections go to the other nodes first."""
+        search = self._state.search
+        if search is None or ctx.connection is None:
+            return
+        try:
+            conn = ctx.connection.connection.driver_connection
+        except Exception:  # already invalidated: the keepalive's watch will tell
+            return
+        host = search.host_of(conn)
+        if host is not None:
+            search.node_unsynced(host, describe(error))
 
     def _count(self, error: BaseException, scope: Scope) -> None:
         state = self._state

@@ -13,6 +13,10 @@ one stays available for users (the last idle one only while nothing at all is ch
 out), and never waits for the pool: with the pool exhausted it does nothing. ``min_idle``
 connections are opened straight into the pool while the engine is idle, one at a time and
 within the pool's size, without holding any other connection meanwhile.
+
+For a multi-host URL whose hosts are Galera nodes, each round also checks which nodes may
+serve (``_galera.GaleraWatch``): a node that is not Synced stops getting new connections,
+and the pool's connections to it are retired.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from . import _compat
 from ._checkout import DEAD, PING_DUE, announce, bounded_ping, verdict
 from ._config import check_keepalive
 from ._errors import describe
+from ._galera import GaleraWatch
 from ._state import EngineState, holder_of, state_of
 from ._stats import Reason
 from ._waits import finish
@@ -68,6 +73,8 @@ class Keepalive:
         self._min_idle = options.min_idle if min_idle is None else min_idle
         check_keepalive(self._interval, self._min_idle)
         self._task: asyncio.Task[None] | None = None
+        search = state.search
+        self._galera = None if search is None else GaleraWatch(state, search)
 
     @property
     def interval(self) -> float:
@@ -96,6 +103,9 @@ class Keepalive:
         # one must propagate. Only an overrun is tolerated (the task is cancelled anyway).
         with contextlib.suppress(TimeoutError):
             await finish(asyncio.wait({task}), _STOP_TIMEOUT, "stopping the keepalive")
+        if self._galera is not None:
+            with contextlib.suppress(TimeoutError):
+                await finish(self._galera.close(), _STOP_TIMEOUT, "closing the Galera watch")
 
     async def __aenter__(self) -> Keepalive:
         return await self.start()
@@ -119,6 +129,8 @@ class Keepalive:
 
     async def run_once(self) -> int:
         """Do one round now; return how many connections were visited."""
+        if self._galera is not None:
+            await self._galera.check()
         pool = self.engine.sync_engine.pool
         if not isinstance(pool, QueuePool) or not _compat.can_keep(pool):
             return 0  # NullPool keeps nothing; other pools are left alone

@@ -1,11 +1,14 @@
 """The unit-of-work runner behind ``Database.run()``: replay only what cannot apply twice.
 
 A unit of work runs in a fresh session scope and is committed by the scope. It is run
-again, after a jittered backoff, only when its failure happened before COMMIT was sent
-and left nothing behind: a disconnect (the server rolled the transaction back), or an error
-code the caller lists (deadlock, lock wait timeout). While no connection can be had at all,
-the runner waits, up to its deadline. A connection lost while COMMIT was in flight is never
-replayed: ``CommitOutcomeUnknown``.
+again, after a jittered backoff, only when it failed and left nothing behind: a disconnect
+before COMMIT was sent (the server rolled the transaction back), a refusal by the server
+(a COMMIT refused by a server turned read-only, or by a Galera node that may not serve,
+1047), or an error code the caller lists (deadlock, lock wait timeout; a Galera
+certification failure is a 1213 at COMMIT or at the next statement, and nothing of the
+transaction committed). While no connection can be had at all, the runner waits, up to its
+deadline. A connection lost while COMMIT was in flight is never replayed:
+``CommitOutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ._errors import (
     describe,
     error_code,
     is_disconnect,
+    is_node_not_ready,
     is_read_only_refusal,
     is_unavailable,
 )
@@ -127,7 +131,8 @@ def _unreplayable(
 ) -> NoReturn:
     """Raise for a unit of work that failed after committing inside ``work``."""
     begun, done = work_commits
-    if begun > done and is_disconnect(exc) and not is_read_only_refusal(exc):
+    refused = is_read_only_refusal(exc) or is_node_not_ready(exc)
+    if begun > done and is_disconnect(exc) and not refused:
         counters.commit_outcome_unknown += 1
         raise CommitOutcomeUnknown(
             f"the connection to {target} was lost while a COMMIT issued by the unit of work "

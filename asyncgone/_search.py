@@ -8,9 +8,16 @@ connection whose role fits is kept, and its facts handed to the ``connect`` list
 that finding the role costs no round trip of its own. One that does not fit is closed and
 the next host is tried. The whole search is bounded by ``host_search_timeout``.
 
+A Galera node (``@@wsrep_on``, read by the same query, see ``_wsrep``) fits only while it
+is ready and Synced in a Primary component; one that is not, or that answers 1047 to the
+query, is noted as *unsynced*: tried after the others until it is found Synced again,
+here or by the keepalive's watch (``_galera``). With ``galera_spread``, connections go
+round-robin over the fitting hosts instead of to one node at a time.
+
 Order: for ``"primary"`` and ``"any"``, the host that fitted last time first (in steady
 state, one attempt per connection), then the others in the URL's order; for ``"replica"``,
-round-robin over the hosts, so that connections spread over the replicas. Hosts the
+round-robin over the hosts, so that connections spread over the replicas (and over
+Galera nodes with ``galera_spread``). Hosts the
 engine's owner marked as avoided (a replica that lags, see ``_replicas``) are not tried.
 
 When no host fits, the search raises the driver's error 2003 ("can't connect"), naming
@@ -25,14 +32,18 @@ import logging
 import math
 import time
 import weakref
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 from ._connector import Connector
-from ._errors import describe, is_unavailable
+from ._errors import describe, is_node_not_ready, is_unavailable
 from ._hosts import HostAddress, TargetRole, role_fits
 from ._server import ServerFacts, read_facts
-from ._statements import close
+from ._statements import close, execute
 from ._waits import bounded
+
+if TYPE_CHECKING:
+    from ._state import ConnectionHolder
 
 __all__ = ["HostSearch"]
 
@@ -53,6 +64,8 @@ class HostSearch:
         ping_timeout: float,
         deadline: float,
         error: type[Exception],
+        spread: bool = False,
+        sync_wait: int | None = None,
     ) -> None:
         self.hosts = hosts
         self.target = target
@@ -60,6 +73,14 @@ class HostSearch:
         self._ping_timeout = ping_timeout
         self._error = error
         self._turn = itertools.count()
+        #: Round-robin over the fitting hosts (``galera_spread``) even for "primary".
+        self.spread = spread
+        #: ``wsrep_sync_wait`` to set on each new connection to a Galera node, or None.
+        self.sync_wait = sync_wait
+        #: Hosts found to be Galera nodes (``@@wsrep_on``): the keepalive watches these.
+        self.galera: set[HostAddress] = set()
+        #: Galera nodes last found not Synced, or refusing with 1047: tried last.
+        self.unsynced: set[HostAddress] = set()
         #: The host the last connection went to (tried first for "primary" and "any").
         self.preferred: HostAddress | None = None
         #: Hosts not to connect to for now (set by the engine's owner, e.g. lagging replicas).
@@ -74,6 +95,9 @@ class HostSearch:
         self.params: dict[str, Any] = {}
         self._facts: weakref.WeakKeyDictionary[Any, ServerFacts] = weakref.WeakKeyDictionary()
         self._hosts_of: weakref.WeakKeyDictionary[Any, HostAddress] = weakref.WeakKeyDictionary()
+        self._holders: weakref.WeakKeyDictionary[Any, ConnectionHolder] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def usable(self, now: float | None = None) -> list[HostAddress]:
         """The hosts neither avoided nor found unreachable within ``recheck_after``."""
@@ -81,18 +105,20 @@ class HostSearch:
         return [
             h
             for h in self.hosts
-            if h not in self.avoided and now - self.down.get(h, -math.inf) >= self.recheck_after
+            if h not in self.avoided
+            and h not in self.unsynced
+            and now - self.down.get(h, -math.inf) >= self.recheck_after
         ]
 
     def order(self) -> list[HostAddress]:
         """The hosts in the order the next search tries them: the usable ones (see the
         module docstring), then those recently found unreachable."""
         hosts = self.usable()
-        if self.target == "replica" and hosts:
+        if (self.target == "replica" or self.spread) and hosts:
             start = next(self._turn) % len(hosts)
             hosts = hosts[start:] + hosts[:start]
         preferred = self.preferred
-        if self.target != "replica" and preferred in hosts:
+        if self.target != "replica" and not self.spread and preferred in hosts:
             hosts.remove(preferred)
             hosts.insert(0, preferred)
         down = [h for h in self.hosts if h not in hosts and h not in self.avoided]
@@ -105,6 +131,22 @@ class HostSearch:
     def host_of(self, conn: Any) -> HostAddress | None:
         """The host a connection this search opened goes to, or None."""
         return self._hosts_of.get(conn)
+
+    def adopt(self, conn: Any, holder: ConnectionHolder) -> None:
+        """Remember the holder of a pooled connection this search opened (for ``retire``)."""
+        if conn in self._hosts_of:
+            self._holders[conn] = holder
+
+    def retire(self, hosts: Collection[HostAddress]) -> int:
+        """Retire the pooled connections to ``hosts`` at their next checkout, as at the end
+        of their lifetime (no round trip, nothing closed here); return how many."""
+        retired = 0
+        for conn, host in list(self._hosts_of.items()):
+            holder = self._holders.get(conn)
+            if host in hosts and holder is not None and holder.expires > -math.inf:
+                holder.expires = holder.trusted_until = -math.inf
+                retired += 1
+        return retired
 
     def wrap(self, connect: Connector) -> Connector:
         """A connector that searches the hosts, opening each with ``connect``."""
@@ -126,6 +168,10 @@ class HostSearch:
             try:
                 conn, facts = await bounded(self._attempt(connect, host, args, kwargs), left)
             except Exception as exc:
+                if is_node_not_ready(exc):  # a Galera node rejecting queries (1047)
+                    self.node_unsynced(host, f"not ready ({describe(exc)})")
+                    tried.append(f"{host} Galera node not ready (1047)")
+                    continue
                 if not is_unavailable(exc):
                     raise  # access denied, unknown database: no other host will do better
                 what = (
@@ -146,7 +192,18 @@ class HostSearch:
                 tried.append(f"{host} avoided meanwhile")
                 await close(conn, self._ping_timeout)
                 continue
+            wsrep = facts.wsrep
+            if wsrep is not None and wsrep.on:
+                self.galera.add(host)
+                if not wsrep.eligible:
+                    self.node_unsynced(host, wsrep.describe())
+                    tried.append(f"{host} Galera node not Synced ({wsrep.describe()})")
+                    await close(conn, self._ping_timeout)
+                    continue
+                self.unsynced.discard(host)
             if role_fits(self.target, facts.read_only):
+                if self.sync_wait is not None and wsrep is not None and wsrep.on:
+                    await self._set_sync_wait(conn)
                 self.preferred = host
                 self._facts[conn] = facts
                 self._hosts_of[conn] = host
@@ -155,6 +212,26 @@ class HostSearch:
             await close(conn, self._ping_timeout)
         untried = order[len(tried) :]
         raise self._error(_CANNOT_CONNECT, self._message(tried, untried))
+
+    def node_unsynced(self, host: HostAddress, why: str) -> None:
+        """Note a Galera node that may not serve: tried after the others from now on."""
+        self.galera.add(host)
+        self.seen[host] = f"Galera node not serving: {why}"
+        self.unsynced.add(host)
+        if self.preferred == host:
+            self.preferred = None
+
+    async def _set_sync_wait(self, conn: Any) -> None:
+        try:
+            sql = f"SET SESSION wsrep_sync_wait={self.sync_wait:d}"
+            await bounded(execute(conn, sql), self._ping_timeout)
+        except BaseException as exc:
+            await close(conn, self._ping_timeout)
+            if isinstance(exc, (TimeoutError, OSError)):
+                raise self._error(
+                    _LOST, f"Lost connection while setting wsrep_sync_wait: {describe(exc)}"
+                ) from exc
+            raise
 
     async def _attempt(
         self, connect: Connector, host: HostAddress, args: Any, kwargs: dict[str, Any]

@@ -2,7 +2,8 @@
 
 An engine with a host search (a multi-host URL or a ``target_role``, ``_search``) asks the
 same query whether the server is read-only (``role=True``): two more columns in the same
-round trip. A single-host engine runs the query it always ran, without them.
+round trip, and, on MariaDB, two for a Galera node's wsrep state (``_wsrep``: whether it is
+Synced and may serve). A single-host engine runs the query it always ran, without them.
 
 ``wait_timeout`` counts *idle* seconds on the server. A session's value comes from the
 global ``wait_timeout``, or from ``interactive_timeout`` when the client connected with
@@ -18,6 +19,7 @@ from typing import Any
 from ._errors import error_code
 from ._statements import fetch_row
 from ._waits import bounded
+from ._wsrep import WsrepState, for_server, parse
 
 __all__ = [
     "FACTS_SQL",
@@ -52,12 +54,15 @@ class ServerFacts:
 
     ``read_only`` is true when ``@@global.read_only`` or ``@@global.innodb_read_only`` is on
     (see ``is_on``): the server refuses the application's writes (a replica, or a primary
-    being switched over). It is read only when asked for (``read_facts(role=True)``).
+    being switched over). ``wsrep`` is a MariaDB server's Galera state (None on MySQL, on a
+    MariaDB built without wsrep support, or when not asked); see ``_wsrep.WsrepState``. Both
+    are read only when asked for (``read_facts(role=True)``).
     """
 
     wait_timeout: float
     max_allowed_packet: int
     read_only: bool = False
+    wsrep: WsrepState | None = None
 
 
 def is_on(value: Any) -> bool:
@@ -89,28 +94,35 @@ async def read_facts(
     With ``role``, the same query also reads ``variables`` (default ``ROLE_VARIABLES``);
     a server that lacks one of them (error 1193) is asked again without those after the
     first (``@@global.read_only`` exists everywhere), so a missing variable never fails
-    the connect.
+    the connect; on MariaDB it also reads the wsrep state (``_wsrep.for_server``).
     """
     if not role:
         row = await bounded(fetch_row(conn, FACTS_SQL), timeout)
-    else:
-        row = await bounded(_fetch_role_row(conn, variables), timeout)
+        if row is None:  # pragma: no cover - the server always answers a SELECT of variables
+            raise RuntimeError(f"{FACTS_SQL!r} returned no row")
+        return ServerFacts(wait_timeout=float(row[0]), max_allowed_packet=int(row[1]))
+    row, count = await bounded(_fetch_role_row(conn, variables, for_server(conn)), timeout)
     if row is None:  # pragma: no cover - the server always answers a SELECT of variables
-        raise RuntimeError(f"{FACTS_SQL!r} returned no row")
+        raise RuntimeError("the server facts query returned no row")
+    wsrep = row[2 + count :]
     return ServerFacts(
         wait_timeout=float(row[0]),
         max_allowed_packet=int(row[1]),
-        read_only=any(is_on(value) for value in row[2:]),
+        read_only=any(is_on(value) for value in row[2 : 2 + count]),
+        wsrep=parse(wsrep[0], wsrep[1]) if len(wsrep) >= 2 else None,
     )
 
 
-async def _fetch_role_row(conn: Any, variables: tuple[str, ...]) -> tuple[Any, ...] | None:
+async def _fetch_role_row(
+    conn: Any, variables: tuple[str, ...], wsrep_columns: str
+) -> tuple[tuple[Any, ...] | None, int]:
+    """The role query's row and how many of ``variables`` it holds."""
     try:
-        return await fetch_row(conn, _role_sql(variables))
+        return await fetch_row(conn, _role_sql(variables) + wsrep_columns), len(variables)
     except Exception as exc:
         if error_code(exc) != _UNKNOWN_SYSTEM_VARIABLE or len(variables) < 2:
             raise
-    return await fetch_row(conn, _role_sql(variables[:1]))
+    return await fetch_row(conn, _role_sql(variables[:1]) + wsrep_columns), 1
 
 
 def auto_idle_limit(wait_timeout: float) -> float:

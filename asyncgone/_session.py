@@ -31,7 +31,13 @@ from sqlalchemy.util import greenlet_spawn
 from ._compat import statement_running
 from ._config import seconds
 from ._drivers import thread_id
-from ._errors import CommitOutcomeUnknown, add_note, is_disconnect, is_read_only_refusal
+from ._errors import (
+    CommitOutcomeUnknown,
+    add_note,
+    is_disconnect,
+    is_node_not_ready,
+    is_read_only_refusal,
+)
 from ._groups import register
 from ._reaper import ENDED, busy_elsewhere, reap
 from ._state import state_of
@@ -249,9 +255,11 @@ class SessionScope:
         try:
             await session.commit()
         except Exception as exc:
-            if lost or not is_disconnect(exc) or is_read_only_refusal(exc):
+            refused = is_read_only_refusal(exc) or is_node_not_ready(exc)
+            if lost or not is_disconnect(exc) or refused:
                 # The server rolled it back, or answered with an error (a server turned
-                # read-only refuses the COMMIT: nothing committed): the outcome is known.
+                # read-only, or a Galera node that may not serve, refuses the COMMIT:
+                # nothing committed): the outcome is known.
                 raise
             raise CommitOutcomeUnknown(
                 f"the connection to {mask(self.engine.url)} was lost while COMMIT was in "

@@ -20,7 +20,7 @@ def test_defaults_are_the_named_constants() -> None:
     assert options.connect_timeout == asyncgone.DEFAULT_CONNECT_TIMEOUT
     assert options.tcp_keepalive == asyncgone.DEFAULT_TCP_KEEPALIVE
     assert options.max_connecting == asyncgone.DEFAULT_MAX_CONNECTING == 2
-    assert options.connect_retry == asyncgone.DEFAULT_CONNECT_RETRY == "pool_timeout"
+    assert options.connect_retry == asyncgone.DEFAULT_CONNECT_RETRY == 5.0
     assert options.connect_backoff_max == asyncgone.DEFAULT_CONNECT_BACKOFF_MAX
 
 
