@@ -40,8 +40,9 @@ def app_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def db(disposable: Server, driver: str) -> asyncgone.Database:
     disposable.query("DROP TABLE IF EXISTS notes")
+    # A server that stays down answers 503 once connect_retry is over: 1 s, not 5, here.
     return asyncgone.Database(
-        disposable.url(driver), pool_size=POOL, max_overflow=0, pool_timeout=30
+        disposable.url(driver), pool_size=POOL, max_overflow=0, pool_timeout=30, connect_retry=1.0
     )
 
 
