@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
-from ._compat import checking_pool_class
+from ._compat import CHECK_ATTRIBUTE, checking_pool_class
 from ._drivers import thread_id
 from ._errors import describe
 from ._state import HOLDER_KEY, ConnectionHolder, EngineState
@@ -126,16 +126,20 @@ class CheckoutCheck:
         self._class: type[Pool] | None = None
 
     def pool_class(self, base: type[Pool]) -> type[Pool] | None:
-        """A subclass of ``base`` that runs the check inside its own checkout step, or None
-        when ``base`` lacks the private steps that needs (see ``_compat``)."""
-        self._class = checking_pool_class(base, self.check_record)
+        """The subclass of ``base`` that runs the check inside its own checkout step (one
+        per pool class, for every engine), or None when ``base`` lacks the private steps
+        that needs (see ``_compat``)."""
+        self._class = checking_pool_class(base)
         return self._class
 
     def install(self, engine: Engine, state: EngineState) -> None:
         """Check the checkouts of ``engine`` with ``state``; through the pool's ``checkout``
         event if its pool is not of a class from ``pool_class``."""
         self._state = state
-        if self._class is None or not isinstance(engine.pool, self._class):
+        if self._class is not None and isinstance(engine.pool, self._class):
+            # The pool finds its check through its dialect, also after dispose().
+            setattr(engine.dialect, CHECK_ATTRIBUTE, self.check_record)
+        else:
             event.listen(engine, "checkout", self.on_checkout)
 
     def check_record(self, record: ConnectionPoolEntry, began: float) -> None:
