@@ -194,6 +194,7 @@ class Admission:
         backoff_max: float,
         counters: Counters,
         error: type[Exception],
+        retry_refused_sockets: bool = True,
     ) -> None:
         self.max_connecting = max_connecting
         self.retry_for = retry_for
@@ -209,7 +210,7 @@ class Admission:
         # A refused socket connect is retried only once the engine has reached its server
         # (a restart, not a wrong port), and only when no host search tries other hosts.
         self._reached = False
-        self.retry_refused_sockets = True
+        self._retry_refused_sockets = retry_refused_sockets
         self._engine: Callable[[], Engine | None] = lambda: None
         # While the pool is held (see the module docstring): its max_overflow as configured,
         # the lowered limit, the last refusal for want of capacity, the timer that raises it.
@@ -267,7 +268,7 @@ class Admission:
                     if not is_refusal(exc):
                         raise
                     if error_code(exc) not in _SERVER_REFUSALS and not (
-                        self._reached and self.retry_refused_sockets
+                        self._reached and self._retry_refused_sockets
                     ):
                         # Nothing listens: before this engine ever reached its server, more
                         # likely a wrong host or port than a restart; with several hosts,
@@ -389,9 +390,13 @@ def admission_for(
     pool_timeout: float | None,
     counters: Counters,
     driver: DriverSupport,
+    *,
+    host_search: bool = False,
 ) -> Admission | None:
     """The admission for an engine with these options (also without a cap or retries: it
-    counts the attempts), or None for a driver asyncgone does not open itself."""
+    counts the attempts), or None for a driver asyncgone does not open itself. With a
+    ``host_search`` a refused socket connect is not retried: the search tries the next
+    host."""
     retry = options.connect_retry
     if retry == "pool_timeout":
         retry_for = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
@@ -405,4 +410,5 @@ def admission_for(
         backoff_max=options.connect_backoff_max,
         counters=counters,
         error=connect_error(driver.name),
+        retry_refused_sockets=not host_search,
     )

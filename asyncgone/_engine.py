@@ -114,9 +114,13 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     if state.search is not None:
         # For connections outside the pool to each host (the replica monitor, doctor).
         state.search.params = {**dialect.create_connect_args(resolved)[1], **connect_args}
-    state.admission = admission_for(options, sa_kwargs.get("pool_timeout"), state.counters, driver)
-    if state.admission is not None and state.search is not None:
-        state.admission.retry_refused_sockets = False  # the search tries the other hosts
+    state.admission = admission_for(
+        options,
+        sa_kwargs.get("pool_timeout"),
+        state.counters,
+        driver,
+        host_search=state.search is not None,
+    )
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)

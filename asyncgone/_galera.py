@@ -24,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from . import _statements
-from ._connector import open_connection
 from ._errors import describe
 from ._hosts import HostAddress
-from ._search import HostSearch
+from ._search import HostConnections, HostSearch
 from ._state import EngineState
 from ._waits import bounded
 from ._wsrep import STATUS_SQL, WsrepState, parse
@@ -48,7 +46,7 @@ class GaleraWatch:
     def __init__(self, state: EngineState, search: HostSearch) -> None:
         self._state = state
         self._search = search
-        self._conns: dict[HostAddress, Any] = {}
+        self._conns = HostConnections(state, search)
         #: The last check of each node.
         self.checks: dict[HostAddress, NodeCheck] = {}
 
@@ -91,23 +89,16 @@ class GaleraWatch:
 
     async def close(self) -> None:
         """Close the watch's connections (bounded; safe twice)."""
-        conns, self._conns = self._conns, {}
-        for conn in conns.values():
-            await _statements.close(conn, self._state.options.ping_timeout)
+        await self._conns.close()
 
     async def _check(self, host: HostAddress) -> NodeCheck:
-        options = self._state.options
         try:
-            conn = self._conns.get(host)
-            if conn is None:
-                params = {**self._search.params, "host": host.host, "port": host.port}
-                conn = await open_connection(self._state.driver, params, options.connect_timeout)
-                self._conns[host] = conn  # closed by close() from here on
-            row = await bounded(_statements.fetch_row(conn, STATUS_SQL), options.ping_timeout)
+            conn = await self._conns.get(host)
+            row = await bounded(
+                _statements.fetch_row(conn, STATUS_SQL), self._state.options.ping_timeout
+            )
             found = None if row is None else parse(row[1], row[2])
             return found if found is not None else "no wsrep state"
         except Exception as exc:
-            conn = self._conns.pop(host, None)
-            if conn is not None:
-                await _statements.close(conn, options.ping_timeout)
+            await self._conns.drop(host)
             return f"unreachable ({describe(exc)})"

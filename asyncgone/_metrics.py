@@ -328,13 +328,11 @@ def pool_status(engine: AsyncEngine) -> PoolStatus:
         return PoolStatus(size=0, checked_out=0, idle=0, overflow=0, idle_dead=0)
     idle = pool.checkedin()
     dead = 0
-    state = state_of(engine)
     for record in _compat.idle_records(pool):
         dbapi_connection = record.dbapi_connection
+        holder = holder_of(record)  # its socket watch, made once per connection
         if dbapi_connection is None or (
-            state is not None
-            and holder_of(record) is not None
-            and state.driver.is_closed(dbapi_connection.driver_connection)
+            holder is not None and holder.closed(dbapi_connection.driver_connection)
         ):
             dead += 1
     return PoolStatus(

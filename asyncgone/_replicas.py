@@ -29,10 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _statements
 from ._causal import applied
-from ._connector import open_connection
 from ._errors import describe
 from ._hosts import HostAddress
-from ._search import HostSearch
+from ._search import HostConnections, HostSearch
 from ._server import is_on
 from ._state import EngineState
 from ._waits import bounded
@@ -145,7 +144,7 @@ class ReplicaMonitor:
         self.interval = interval
         self._state = state
         self._search: HostSearch = state.search
-        self._conns: dict[HostAddress, Any] = {}
+        self._conns = HostConnections(state, self._search)
         self._task: asyncio.Task[None] | None = None
         # When each host was last seen fit, and its lag then: the bound on its lag while
         # its source is unreachable (a primary that died) and it applies what it has.
@@ -190,9 +189,7 @@ class ReplicaMonitor:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=self._state.options.ping_timeout + 1)
-        conns, self._conns = self._conns, {}
-        for conn in conns.values():
-            await _statements.close(conn, self._state.options.ping_timeout)
+        await self._conns.close()
 
     async def _run(self) -> None:
         while True:
@@ -237,18 +234,11 @@ class ReplicaMonitor:
         return dataclasses.replace(result, lag=lag + (now - at))
 
     async def _check(self, host: HostAddress) -> ReplicaHealth:
-        options = self._state.options
         try:
-            conn = self._conns.get(host)
-            if conn is None:
-                params = {**self._search.params, "host": host.host, "port": host.port}
-                conn = await open_connection(self._state.driver, params, options.connect_timeout)
-                self._conns[host] = conn  # closed by stop() from here on
-            return await check_host(conn, host, options.ping_timeout)
+            conn = await self._conns.get(host)
+            return await check_host(conn, host, self._state.options.ping_timeout)
         except Exception as exc:
-            conn = self._conns.pop(host, None)
-            if conn is not None:
-                await _statements.close(conn, options.ping_timeout)
+            await self._conns.drop(host)
             return ReplicaHealth(host=str(host), reachable=False, error=describe(exc))
 
 

@@ -32,10 +32,10 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Collection
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._connector import Connector
+from ._connector import Connector, open_connection
 from ._errors import describe, is_node_not_ready, is_unavailable
 from ._hosts import HostAddress, TargetRole, role_fits
 from ._server import ServerFacts, read_facts
@@ -43,9 +43,11 @@ from ._statements import close, execute
 from ._waits import bounded
 
 if TYPE_CHECKING:
-    from ._state import ConnectionHolder
+    from ._state import ConnectionHolder, EngineState
 
-__all__ = ["HostSearch"]
+__all__ = ["HostConnections", "HostSearch"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("asyncgone")
 
@@ -222,32 +224,28 @@ class HostSearch:
             self.preferred = None
 
     async def _set_sync_wait(self, conn: Any) -> None:
-        try:
-            sql = f"SET SESSION wsrep_sync_wait={self.sync_wait:d}"
-            await bounded(execute(conn, sql), self._ping_timeout)
-        except BaseException as exc:
-            await close(conn, self._ping_timeout)
-            if isinstance(exc, (TimeoutError, OSError)):
-                raise self._error(
-                    _LOST, f"Lost connection while setting wsrep_sync_wait: {describe(exc)}"
-                ) from exc
-            raise
+        sql = f"SET SESSION wsrep_sync_wait={self.sync_wait:d}"
+        step = bounded(execute(conn, sql), self._ping_timeout)
+        await self._on_new(conn, step, "setting wsrep_sync_wait")
 
     async def _attempt(
         self, connect: Connector, host: HostAddress, args: Any, kwargs: dict[str, Any]
     ) -> tuple[Any, ServerFacts]:
         conn = await connect(*args, **{**kwargs, "host": host.host, "port": host.port})
+        step = read_facts(conn, self._ping_timeout, role=True)
+        return conn, await self._on_new(conn, step, "reading the server's role")
+
+    async def _on_new(self, conn: Any, step: Awaitable[_T], doing: str) -> _T:
+        """Await ``step`` on a connection the search just opened. On any failure the
+        connection is closed; a timeout or a transport error means it is lost (2013, as in
+        _connect)."""
         try:
-            facts = await read_facts(conn, self._ping_timeout, role=True)
+            return await step
         except BaseException as exc:
             await close(conn, self._ping_timeout)
             if isinstance(exc, (TimeoutError, OSError)):
-                # A timeout or a transport error: the connection is lost (as in _connect).
-                raise self._error(
-                    _LOST, f"Lost connection while reading the server's role: {describe(exc)}"
-                ) from exc
+                raise self._error(_LOST, f"Lost connection while {doing}: {describe(exc)}") from exc
             raise
-        return conn, facts
 
     def _message(self, tried: list[str], untried: list[HostAddress]) -> str:
         wanted = {
@@ -266,3 +264,36 @@ class HostSearch:
                 f"{', '.join(map(str, untried))}"
             )
         return "; ".join(parts)
+
+
+class HostConnections:
+    """One connection per host of a search, outside the pool, kept open between background
+    checks (the replica monitor's, the Galera node watch's): opened on first use (bounded by
+    ``connect_timeout``), dropped after a failed check, all closed by ``close()``."""
+
+    def __init__(self, state: EngineState, search: HostSearch) -> None:
+        self._state = state
+        self._search = search
+        self._conns: dict[HostAddress, Any] = {}
+
+    async def get(self, host: HostAddress) -> Any:
+        """The connection to ``host``, opened now if there is none."""
+        conn = self._conns.get(host)
+        if conn is None:
+            params = {**self._search.params, "host": host.host, "port": host.port}
+            state = self._state
+            conn = await open_connection(state.driver, params, state.options.connect_timeout)
+            self._conns[host] = conn  # closed by drop() or close() from here on
+        return conn
+
+    async def drop(self, host: HostAddress) -> None:
+        """Close the connection to ``host`` (after a failed check), if there is one."""
+        conn = self._conns.pop(host, None)
+        if conn is not None:
+            await close(conn, self._state.options.ping_timeout)
+
+    async def close(self) -> None:
+        """Close every connection (bounded; safe twice)."""
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            await close(conn, self._state.options.ping_timeout)
