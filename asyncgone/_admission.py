@@ -13,8 +13,9 @@ thread and backs off; asyncgone does the same per engine:
   of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
   seconds; refusals more than ``2 * connect_backoff_max`` apart start from the smallest
   pause again;
-- a refusal for want of capacity (1040, 1203) also holds the engine's pool at the
-  connections it has: QueuePool's overflow limit is lowered to them, so checkouts wait for a
+- a refusal for want of capacity (1040, 1203), this engine's or another client's
+  (``_giveback``), also holds the engine's pool at the connections it has: QueuePool's
+  overflow limit is lowered to them, so checkouts wait for a
   connection to come back (up to ``pool_timeout``) instead of asking the full server for
   more; after ``5 * connect_backoff_max`` seconds without such a refusal the limit rises by
   one, and so on up to ``max_overflow`` (additive increase, as TCP's congestion control);
@@ -207,6 +208,10 @@ class Admission:
         self._streak = 0
         self._last_refusal = -math.inf
         self.in_flight = 0  # attempts running now
+        # Connects under way (waiting, attempting or backing off): the pool counts each as
+        # a connection already.
+        self.opening = 0
+        self.capacity_refused = 0  # refusals for want of capacity (1040, 1203) so far
         # A refused socket connect is retried only once the engine has reached its server
         # (a restart, not a wrong port), and only when no host search tries other hosts.
         self._reached = False
@@ -251,6 +256,13 @@ class Admission:
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
         module docstring) and return the connection, or raise the last error."""
+        self.opening += 1
+        try:
+            return await self._connect(attempt)
+        finally:
+            self.opening -= 1
+
+    async def _connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         counters = self._counters
         until = self._deadline(time.monotonic())
         while True:
@@ -277,7 +289,8 @@ class Admission:
                     counters.connects_refused += 1
                     delay = self._refused()
                     if error_code(exc) in _CAPACITY_CODES:
-                        self._hold_overflow()
+                        self.capacity_refused += 1
+                        self.hold_overflow()
                         if _DEADLINE.get() < math.inf and self._others_held():
                             raise  # Database.run() tries again, through the held pool
                     elif self._overflow_limit is not None:
@@ -315,8 +328,9 @@ class Admission:
         pool = self._pool()
         return pool is not None and pool.checkedin() + pool.checkedout() > 1
 
-    def _hold_overflow(self) -> None:
-        """Keep the pool at the connections it has (less the one refused), for a while."""
+    def hold_overflow(self, opening: int = 1) -> None:
+        """Keep the pool at the connections it has, less ``opening`` being opened (the one
+        refused), for a while: the server is full (a refusal, or ``_giveback``)."""
         self._last_full = time.monotonic()
         pool = self._pool()
         configured = None if pool is None else _compat.max_overflow(pool)
@@ -324,7 +338,7 @@ class Admission:
             return
         if self._overflow_limit is None:
             self._configured_overflow = configured
-        limit = min(configured, max(0, pool.overflow() - 1))
+        limit = min(configured, max(0, pool.overflow() - opening))
         if self._overflow_limit is not None:
             if self._probing:  # the limit was raised, and the server is still full
                 self._hold_for = min(self._hold_for * 2, _HOLD_MAX)

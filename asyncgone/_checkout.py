@@ -31,7 +31,8 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
 from ._compat import CHECK_ATTRIBUTE, checking_pool_class
 from ._drivers import thread_id
-from ._errors import describe
+from ._errors import describe, error_code, is_disconnect
+from ._giveback import STATUS_SQL, GiveBack
 from ._state import HOLDER_KEY, ConnectionHolder, EngineState
 from ._statements import ping
 from ._stats import Reason
@@ -40,6 +41,10 @@ from ._waits import bounded
 __all__ = ["DEAD", "PING_DUE", "CheckoutCheck", "verdict"]
 
 log = logging.getLogger("asyncgone")
+
+# Errors of an account the server does not show its status to: access denied (1044, 1142,
+# 1227). The give-back's question is then turned off.
+_NOT_ALLOWED = frozenset({1044, 1142, 1227})
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
 DEAD = frozenset({Reason.CLOSED_BY_SERVER, Reason.PING_FAILED, Reason.PING_TIMEOUT})
@@ -142,11 +147,13 @@ class CheckoutCheck:
         else:
             event.listen(engine, "checkout", self.on_checkout)
 
-    def check_record(self, record: ConnectionPoolEntry, began: float) -> None:
+    def check_record(self, pool: Pool, record: ConnectionPoolEntry, began: float) -> None:
         """Hand out the connection of ``record`` if usable; else invalidate the record, so
         that SQLAlchemy opens a new connection in it for this checkout.
 
         ``began`` is when the checkout began: a connection opened since needs no check.
+        While ``pool`` holds overflow, a usable connection may also carry the give-back's
+        question to the server (``_giveback``).
         """
         state = self._state
         if state is None:
@@ -164,18 +171,21 @@ class CheckoutCheck:
         now = time.monotonic()
         # The common case in one test: recently active, lifetime not over, the pool not
         # invalidated since it opened, on this loop, and the socket shows nothing.
-        if (
+        if not (
             now < holder.trusted_until
             and holder.created >= state.invalid_before
             and holder.loop() is asyncio.get_running_loop()
             and not holder.closed(conn)
         ):
-            return
-        reason = self._reason(state, record, holder, conn, now)
-        if reason is not None:
-            # The pool closes the connection: through asyncgone's dialect guard, which drops
-            # a dead or foreign-loop socket without waiting on it.
-            record.invalidate(DisconnectionError(f"asyncgone replaced it: {reason.value}"))
+            reason = self._reason(state, record, holder, conn, now)
+            if reason is not None:
+                # The pool closes the connection: through asyncgone's dialect guard, which
+                # drops a dead or foreign-loop socket without waiting on it.
+                record.invalidate(DisconnectionError(f"asyncgone replaced it: {reason.value}"))
+                return
+        give_back = state.give_back
+        if give_back is not None and now >= give_back.due and give_back.wanted(pool):
+            _ask(state, give_back, record, holder, conn)
 
     def on_checkout(
         self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -217,3 +227,42 @@ class CheckoutCheck:
             state.driver.abort(conn)
         announce(state, conn, reason, now)
         return reason
+
+
+def _ask(
+    state: EngineState,
+    give_back: GiveBack,
+    record: ConnectionPoolEntry,
+    holder: ConnectionHolder,
+    conn: Any,
+) -> None:
+    """Ask the server, on this connection, what it refused (``GiveBack.ask``). A connection
+    that fails the question is replaced, as after a failed ping; an account the server does
+    not answer turns the question off; any other error waits for the next interval."""
+    cursors = holder.cursors
+    before = None if cursors is None else cursors.count
+    dbapi_connection: Any = record.dbapi_connection
+    try:
+        dbapi_connection.run_async(give_back.ask)
+    except Exception as exc:
+        code = error_code(exc)
+        if code in _NOT_ALLOWED:
+            state.give_back = None
+            log.warning(
+                "overflow_give_back is off for this engine: the server answered %s to %s",
+                describe(exc),
+                STATUS_SQL,
+            )
+        elif isinstance(exc, TimeoutError) or is_disconnect(exc) or code is None:
+            timed_out = isinstance(exc, TimeoutError)
+            reason = Reason.PING_TIMEOUT if timed_out else Reason.PING_FAILED
+            state.counters.replaced[reason] += 1
+            state.driver.abort(conn)
+            announce(state, conn, reason, time.monotonic())
+            record.invalidate(DisconnectionError(f"asyncgone replaced it: {reason.value}"))
+        else:
+            log.debug("the give-back's question failed: %s", describe(exc))
+        return
+    holder.active(time.monotonic())
+    if cursors is not None and holder.ended_at == before:
+        holder.ended_at = cursors.count  # SHOW STATUS opens no transaction

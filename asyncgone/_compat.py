@@ -11,7 +11,10 @@ tested.
 - SQLAlchemy's ``Pool._do_get`` (take a record for a checkout) and
   ``_ConnectionRecord._checkin_failed``, for the checkout check, which runs inside the first
   (``checking_pool_class``); a pool without them is checked through the documented
-  ``checkout`` event instead, at about 10 000 more instructions per checkout.
+  ``checkout`` event instead, at about 10 000 more instructions per checkout. With
+  QueuePool's ``_do_return_conn`` and ``_dec_overflow`` also a return step that may close
+  an overflow connection for good, as QueuePool's own does when the pool is full
+  (``_giveback``); without them nothing is given back.
 - a pooled connection's record (``_ConnectionFairy._connection_record``), for the return
   path's per-connection state: without it every return rolls back.
 - anyio's cancel scopes: whether a cancellation will be delivered again by the scope that
@@ -39,6 +42,7 @@ __all__ = [
     "CHECK_ATTRIBUTE",
     "FAIRY_CHECKOUTS",
     "FAIRY_RECORD",
+    "GIVE_BACK_ATTRIBUTE",
     "can_keep",
     "checking_pool_class",
     "default_pool_class",
@@ -180,13 +184,16 @@ def default_pool_class(url: URL) -> type[Pool]:
 #: ``Engine.dispose()`` recreates it.
 CHECK_ATTRIBUTE = "_asyncgone_checkout_check"
 
+#: The dialect attribute a checking QueuePool's returns ask, while it is set (``_giveback``).
+GIVE_BACK_ATTRIBUTE = "_asyncgone_give_back"
+
 _checking_classes: dict[type[Pool], type[Pool] | None] = {}
 
 
 def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     """A subclass of the pool class ``base`` whose checkouts run the check its dialect
-    holds (``CHECK_ATTRIBUTE``: ``check(record, began)``) on the record taken for them, or
-    None when ``base`` lacks the private steps it needs.
+    holds (``CHECK_ATTRIBUTE``: ``check(pool, record, began)``) on the record taken for
+    them, or None when ``base`` lacks the private steps it needs.
 
     Every checkout takes its record through ``Pool._do_get()`` before SQLAlchemy's
     pre-ping and ``checkout`` event, and then opens the record's connection if it has none
@@ -203,6 +210,10 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     ``create_async_engine(poolclass=...)``: assigning it to an existing pool's ``__class__``
     makes every attribute access on that pool slower (CPython 3.13 turns the instance's
     inline attribute values into a dictionary).
+
+    For a QueuePool, returns also ask the dialect's ``GIVE_BACK_ATTRIBUTE``, when it is set,
+    ``give_back(pool)``: true closes the returning connection for good, one connection
+    fewer in the pool (``_giveback``).
     """
     if base in _checking_classes:
         return _checking_classes[base]
@@ -218,13 +229,31 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
         check = getattr(self._dialect, CHECK_ATTRIBUTE, None)
         if check is not None:
             try:
-                check(record, began)
+                check(self, record, began)
             except BaseException as error:
                 record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
                 raise
         return record
 
-    namespace = {"_do_get": _do_get, "__module__": base.__module__, "__doc__": base.__doc__}
+    namespace: dict[str, Any] = {
+        "_do_get": _do_get,
+        "__module__": base.__module__,
+        "__doc__": base.__doc__,
+    }
+    do_return = getattr(base, "_do_return_conn", None)
+    if do_return is not None and hasattr(base, "_dec_overflow"):
+
+        def _do_return_conn(self: Any, record: ConnectionPoolEntry) -> None:
+            give_back = getattr(self._dialect, GIVE_BACK_ATTRIBUTE, None)
+            if give_back is None or not give_back(self):
+                do_return(self, record)
+                return
+            # Closed for good, as QueuePool does with a connection that finds it full; the
+            # count first, as closing may wait (COM_QUIT) while other returns ask.
+            self._dec_overflow()
+            record.close()
+
+        namespace["_do_return_conn"] = _do_return_conn
     checking: type[Pool] = type(base.__name__, (base,), namespace)
     _checking_classes[base] = checking
     return checking

@@ -187,6 +187,11 @@ class EngineOptions:
       ``pool_timeout``; ``None`` or ``0`` raises the first refusal.
     - ``connect_backoff_max``: the longest pause between two refused attempts, in seconds
       (default 2).
+    - ``overflow_give_back``: while the pool holds connections beyond ``pool_size``, ask the
+      server (one ``SHOW GLOBAL STATUS`` every ``connect_backoff_max`` seconds at most)
+      whether it refused other clients while full, and if so close returning overflow
+      connections, one per refusal, so that the pools of a fleet come before its overflow
+      (default ``True``; single-host engines only; see ``docs/fleets.md``).
     - ``galera_spread``: for Galera nodes (and any multi-host URL), spread new connections
       round-robin over the hosts that fit instead of sending them all to one node at a time
       (the default, ``False``, which keeps certification conflicts between the
@@ -212,6 +217,7 @@ class EngineOptions:
     max_connecting: int | None = DEFAULT_MAX_CONNECTING
     connect_retry: float | Literal["pool_timeout"] | None = DEFAULT_CONNECT_RETRY
     connect_backoff_max: float = DEFAULT_CONNECT_BACKOFF_MAX
+    overflow_give_back: bool = True
     galera_spread: bool = False
     wsrep_sync_wait: int | None = None
 
@@ -256,6 +262,7 @@ class EngineOptions:
                 )
             _seconds("connect_retry", retry, allow_zero=True)
         _seconds("connect_backoff_max", self.connect_backoff_max)
+        check_flag("overflow_give_back", self.overflow_give_back)
         check_flag("galera_spread", self.galera_spread)
         if self.wsrep_sync_wait is not None:
             check_count("wsrep_sync_wait", self.wsrep_sync_wait, minimum=0)

@@ -23,6 +23,7 @@ from ._config import EngineOptions, given_connect_timeout, split_options
 from ._connect import ConnectSetup
 from ._drivers import DriverSupport, connect_error, support_for
 from ._errors import ConfigurationError
+from ._giveback import GiveBack
 from ._hosts import DEFAULT_PORT, HostAddress, hosts_of, without_hosts
 from ._invalidation import ErrorHandling
 from ._leaks import LeakDetection
@@ -64,13 +65,12 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
             ``ping_timeout``, ``connect_timeout``, ``tcp_keepalive``, ``kill_on_cancel``,
             ``keepalive_interval``, ``network_idle_limit``, ``min_idle``,
             ``leak_threshold``, ``target_role``, ``host_search_timeout``,
-            ``galera_spread``, ``wsrep_sync_wait``: see
-            ``EngineOptions``) and anything
-            ``leak_threshold``, ``max_connecting``, ``connect_retry``,
-            ``connect_backoff_max``: see ``EngineOptions``) and anything
-            ``create_async_engine`` takes. ``pool_pre_ping=True`` means ``ping_after=0``
-            (a bounded ping at each checkout of a reused connection, after the socket
-            check); ``pool_reset_on_return`` keeps its meaning.
+            ``max_connecting``, ``connect_retry``, ``connect_backoff_max``,
+            ``overflow_give_back``, ``galera_spread``, ``wsrep_sync_wait``: see
+            ``EngineOptions``) and anything ``create_async_engine`` takes.
+            ``pool_pre_ping=True`` means ``ping_after=0`` (a bounded ping at each checkout
+            of a reused connection, after the socket check); ``pool_reset_on_return`` keeps
+            its meaning.
 
     Returns:
         sqlalchemy.ext.asyncio.AsyncEngine: the engine; ``asyncgone.stats(engine)`` reads
@@ -121,6 +121,11 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         driver,
         host_search=state.search is not None,
     )
+    if state.admission is not None and state.search is None and options.overflow_give_back:
+        # One server's counters: a multi-host engine's connections go to several.
+        state.give_back = GiveBack(
+            state, dialect, interval=options.connect_backoff_max, timeout=options.ping_timeout
+        )
     dbapi = dialect.loaded_dbapi
     connect = ConnectSetup(state, dbapi)
     connect.install(sync)

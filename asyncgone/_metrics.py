@@ -84,6 +84,11 @@ COUNTERS = {
         "{attempt}",
         "Connection attempts refused for want of server capacity, retried after a backoff.",
     ),
+    "overflow_given_back": (
+        "asyncgone.connections.given_back",
+        "{connection}",
+        "Overflow connections closed for other clients after the server refused connections.",
+    ),
     "checkouts": ("asyncgone.checkouts", "{checkout}", "Connections handed out by the pool."),
     "checks": ("asyncgone.checks", "{check}", "Reused connections checked at checkout."),
     "pings": ("asyncgone.pings", "{ping}", "COM_PING round trips asyncgone sent."),

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._admission import Admission
     from ._cancel import StatementKiller
     from ._drivers import CursorCount, DriverSupport
+    from ._giveback import GiveBack
     from ._search import HostSearch
 
 __all__ = [
@@ -206,6 +207,8 @@ class EngineState:
         self.after_commit: Callable[[Any], None] | None = None
         # Who may open a connection when (_admission); None: every connect at once.
         self.admission: Admission | None = None
+        # When to ask the server whether it refused anyone (_giveback); None: never.
+        self.give_back: GiveBack | None = None
         # Timings for metrics exporters (_metrics.PoolMetrics), installed on first request:
         # an engine nobody exports pays nothing for them.
         self.metrics: Any = None  # a _metrics.PoolMetrics once installed

@@ -16,7 +16,7 @@ from typing import Any
 from ._drivers import abort_connection
 from ._waits import bounded
 
-__all__ = ["close", "execute", "fetch_dict", "fetch_row", "ping"]
+__all__ = ["close", "execute", "fetch_dict", "fetch_row", "fetch_rows", "ping"]
 
 
 async def _maybe_await(result: Any) -> Any:
@@ -41,6 +41,17 @@ async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
     finally:
         await _maybe_await(cursor.close())
     return None if row is None else tuple(row)
+
+
+async def fetch_rows(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    """Run one query on the raw driver connection and return all its rows."""
+    cursor = await _cursor(conn)
+    try:
+        await cursor.execute(sql)
+        rows = await _maybe_await(cursor.fetchall())
+    finally:
+        await _maybe_await(cursor.close())
+    return [tuple(row) for row in rows]
 
 
 async def fetch_dict(conn: Any, sql: str) -> dict[str, Any] | None:

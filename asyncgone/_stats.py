@@ -35,6 +35,7 @@ class Counters:
     connects: int = 0
     connect_attempts: int = 0
     connects_refused: int = 0
+    overflow_given_back: int = 0
     checkouts: int = 0
     checks: int = 0
     pings: int = 0
@@ -73,6 +74,8 @@ class Stats:
     - ``connects_refused``: attempts the server refused for want of capacity (1040, 1203,
       1129) or did not accept at all (2002, 2003), each retried after a backoff while the
       caller's deadline allowed.
+    - ``overflow_given_back``: overflow connections closed because the server had refused
+      connections meanwhile (``overflow_give_back``), so that other clients' pools get them.
     - ``checkouts``: connections handed out by the pool.
     - ``checks``: checkouts of a reused connection, each checked before use (a connection
       opened for its checkout needs none).
@@ -103,6 +106,7 @@ class Stats:
     connects: int
     connect_attempts: int
     connects_refused: int
+    overflow_given_back: int
     checkouts: int
     checks: int
     pings: int

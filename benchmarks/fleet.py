@@ -1,5 +1,5 @@
 """A fleet of processes through a server crash: refusals and connect attempts, with and without
-asyncgone's connect admission (``max_connecting``, ``connect_retry``).
+asyncgone's fleet measures (``max_connecting``, ``connect_retry``, ``overflow_give_back``).
 
     python benchmarks/fleet.py                         # both drivers, cap on and off
     python benchmarks/fleet.py --driver asyncmy --mode cap --json
@@ -17,10 +17,12 @@ Figures, per run: units completed and failed, processes that gave up; refusals c
 the server (``Connection_errors_max_connections``, before authentication, plus
 ``Aborted_connects``, which counts the 1040s sent after authentication) over both server
 lives; connect attempts counted by the clients (``asyncgone.stats``: ``connect_attempts``,
-``connects_refused``), and the peak of attempts per second after the restart.
+``connects_refused``, ``overflow_given_back``), and the peak of attempts per second after
+the restart.
 
-``--mode nocap`` runs the same fleet with ``max_connecting=None, connect_retry=None``: every
-connect at once, every refusal straight to ``run()`` (what asyncgone did before).
+``--mode nocap`` runs the same fleet with ``max_connecting=None, connect_retry=None,
+overflow_give_back=False``: every connect at once, every refusal straight to ``run()``, and
+overflow kept (what asyncgone did before).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ AFTER = 15.0  # seconds of load after the server accepts connections again
 STATUS = ("Connection_errors_max_connections", "Aborted_connects", "Connections")
 MODES = {
     "cap": {},  # asyncgone's defaults
-    "nocap": {"max_connecting": None, "connect_retry": None},
+    "nocap": {"max_connecting": None, "connect_retry": None, "overflow_give_back": False},
 }
 
 
@@ -136,6 +138,7 @@ async def _work(url: str, mode: str, stop: Path) -> dict[str, Any]:
         result["stats"] = {
             "connect_attempts": s.connect_attempts,
             "connects_refused": s.connects_refused,
+            "overflow_given_back": s.overflow_given_back,
             "connects": s.connects,
             "replays": s.replays,
             "unavailable": s.unavailable,
@@ -249,6 +252,9 @@ def run_fleet(
         "server_connections_after_crash": after[STATUS[2]],
         "client_attempts": sum(r["stats"]["connect_attempts"] for r in results if "stats" in r),
         "client_refused": sum(r["stats"]["connects_refused"] for r in results if "stats" in r),
+        "overflow_given_back": sum(
+            r["stats"]["overflow_given_back"] for r in results if "stats" in r
+        ),
         "client_attempts_after_crash": sum(n for second, n in per_second.items() if second >= 0),
         "client_refused_after_crash": sum(
             n for second, n in refused_per_second.items() if second >= 0

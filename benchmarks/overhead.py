@@ -59,7 +59,7 @@ def interval(a: list[int], b: list[int], rounds: int = 200) -> tuple[float, floa
 
 #: The parts ``--breakdown`` switches off, one at a time: (module, attribute, replacement).
 PARTS: dict[str, tuple[str, str, Callable[..., Any]]] = {
-    "checkout check": ("_checkout", "CheckoutCheck.check_record", lambda self, r, b: None),
+    "checkout check": ("_checkout", "CheckoutCheck.check_record", lambda self, p, r, b: None),
     "return (ROLLBACK decision)": ("_engine", "install_reset", lambda *a: None),
     "cursor counting": ("_drivers", "DriverSupport.count_cursors", lambda self, c: None),
     "error listeners": ("_invalidation", "ErrorHandling.install", lambda self, e: None),

@@ -306,3 +306,136 @@ async def test_run_takes_a_pooled_connection_rather_than_asking_a_full_server_ag
             assert stats.connects_refused == 1
             assert stats.connect_attempts == 2
             assert stats.connects == 1
+
+
+class Busy:
+    """An engine under constant load that keeps every connection it opened busy, overflow
+    included; it notes the fewest connections its pool ever held once warmed up."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.pool: Any = engine.sync_engine.pool
+        self.fewest: int | None = None
+
+    async def task(self) -> None:
+        # Checked out again at once: SQLAlchemy closes an overflow connection only when it
+        # comes back to a pool with pool_size idle ones, which this load never leaves.
+        while True:
+            with contextlib.suppress(OperationalError):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT SLEEP(0.05)"))
+            held = self.pool.checkedin() + self.pool.checkedout()
+            self.fewest = held if self.fewest is None else min(self.fewest, held)
+
+
+async def server_status(server: MariaDBServer, name: str) -> int:
+    rows = await anyio.to_thread.run_sync(lambda: server.query(f"SHOW GLOBAL STATUS LIKE '{name}'"))
+    return int(rows[0]["Value"] or 0)
+
+
+@pytest.mark.parametrize("give_back", [True, False])
+async def test_a_busy_pool_gives_its_overflow_back_to_a_refused_newcomer(
+    small_server: MariaDBServer, driver: str, give_back: bool
+) -> None:
+    """An engine whose load keeps its overflow busy fills the server with another client; a
+    ``Database`` starting next is refused, and the busy engine gives overflow connections
+    back until it gets in, never going below its ``pool_size``. With
+    ``overflow_give_back=False`` the busy engine never asks the server, nor gives back."""
+    url = app_url(small_server, driver)
+    engine = asyncgone.create_engine(url, pool_size=2, max_overflow=4, overflow_give_back=give_back)
+    busy = Busy(engine)
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):  # more tasks than connections: none is ever idle for long
+                tg.start_soon(busy.task)
+            await wait_until(lambda: busy.pool.overflow() == 4, limit=20)
+            busy.fewest = None
+            # Another client takes what is left (in a thread: the loop runs on).
+            hogs = await anyio.to_thread.run_sync(Hogs, small_server)
+            try:
+                newcomer = asyncgone.Database(url, keepalive=False)
+                if give_back:
+                    with anyio.fail_after(30):
+                        await newcomer.start()
+                    try:
+                        assert await newcomer.run(lambda s: s.scalar(text("SELECT 3"))) == 3
+                    finally:
+                        await newcomer.close()
+                    # SQLAlchemy's own churn may have let the newcomer in first: refused
+                    # while full once more, the busy engine gives back at its next question
+                    # (every connect_backoff_max seconds).
+                    more = await anyio.to_thread.run_sync(Hogs, small_server)
+                    try:
+                        given_back = lambda: asyncgone.stats(engine).overflow_given_back  # noqa: E731
+                        await wait_until(lambda: given_back() >= 1, limit=10)
+                        assert _compat.max_overflow(busy.pool) < 4  # held at what it has left
+                    finally:
+                        more.close()
+                else:
+                    before = await server_status(small_server, "Com_show_status")
+                    # Mostly refused; SQLAlchemy itself may close an overflow connection
+                    # that comes back to a pool with pool_size idle ones.
+                    with contextlib.suppress(asyncgone.DatabaseUnavailable):
+                        await newcomer.start()
+                        await newcomer.close()
+                    after = await server_status(small_server, "Com_show_status")
+                    assert after - before == 1  # the test's own second query
+                    assert asyncgone.stats(engine).overflow_given_back == 0
+            finally:
+                hogs.close()
+            tg.cancel_scope.cancel()
+        assert busy.fewest is not None
+        assert busy.fewest >= 2  # the pool_size connections are never given back
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("max_overflow", "hold", "questions"),
+    [(5, False, False), (-1, True, False), (5, True, True)],
+    ids=["no-overflow-open", "unlimited-overflow", "overflow-open"],
+)
+async def test_only_a_pool_holding_limited_overflow_asks_the_server(
+    small_server: MariaDBServer, driver: str, max_overflow: int, hold: bool, questions: bool
+) -> None:
+    """The give-back's ``SHOW GLOBAL STATUS`` is sent only while the pool holds overflow
+    that could be held back: not within ``pool_size``, not with ``max_overflow=-1``; with
+    overflow open (one connection held aside), at most once per interval."""
+    engine = asyncgone.create_engine(
+        app_url(small_server, driver),
+        pool_size=1,
+        max_overflow=max_overflow,
+        connect_backoff_max=0.2,
+    )
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if hold:  # the pool's one connection is held: the units use an overflow one
+                held = await stack.enter_async_context(engine.connect())
+                await held.execute(text("SELECT 1"))
+            before = await server_status(small_server, "Com_show_status")
+            started = time.monotonic()
+            for _ in range(40):
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                await anyio.sleep(0.02)
+            elapsed = time.monotonic() - started
+            asked = await server_status(small_server, "Com_show_status") - before - 1
+        if questions:
+            assert 1 <= asked <= elapsed / 0.2 + 2
+        else:
+            assert asked == 0
+        assert asyncgone.stats(engine).overflow_given_back == 0  # nobody was refused
+    finally:
+        await engine.dispose()
+
+
+def test_a_multi_host_engine_does_not_ask() -> None:
+    """Connections to several servers would mix their counters: no give-back there."""
+    from asyncgone._state import state_of
+
+    multi = asyncgone.create_engine("mysql+asyncmy://app@/test?host=db1:3306&host=db2:3306")
+    single = asyncgone.create_engine("mysql+asyncmy://app@db1:3306/test")
+    off = asyncgone.create_engine("mysql+asyncmy://app@db1:3306/test", overflow_give_back=False)
+    assert getattr(state_of(multi), "give_back", 0) is None
+    assert getattr(state_of(single), "give_back", None) is not None
+    assert getattr(state_of(off), "give_back", 0) is None

@@ -17,9 +17,9 @@ from typing import Any
 FLEET = Path(__file__).parents[2] / "benchmarks" / "fleet.py"
 
 
-def run_fleet(driver: str, mode: str) -> dict[str, Any]:
+def run_fleet(driver: str, mode: str, *options: str) -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, str(FLEET), "--driver", driver, "--mode", mode, "--json"],
+        [sys.executable, str(FLEET), "--driver", driver, "--mode", mode, "--json", *options],
         capture_output=True,
         text=True,
         timeout=240,
@@ -45,3 +45,15 @@ def test_a_fleet_rides_out_a_crash_without_a_storm(driver: str) -> None:
     # most max_connecting attempts in flight and backs off.
     assert figures["peak_attempts_per_s_after_crash"] <= 2 * figures["processes"] * 6, figures
     assert figures["server_refused_after_crash"] <= 2 * figures["max_connections"], figures
+
+
+def test_a_late_process_gets_its_pool_from_the_running_processes_overflow(driver: str) -> None:
+    """Staggered, against ``max_connections=24``: the pools (6 x 4) fit, every overflow does
+    not, and each process starts its load as soon as it has started. The running processes
+    give their overflow back when the server refuses the late ones, so every process starts
+    (without asyncgone's fleet measures, 2 of 6 gave up: docs/fleets.md)."""
+    figures = run_fleet(driver, "cap", "--staggered", "--max-connections", "24")
+    assert figures["processes_gave_up"] == 0, figures["failures"]
+    assert figures["units_failed"] == 0, figures["failures"]
+    assert figures["rows"] == figures["units_done"] > 0
+    assert figures["overflow_given_back"] > 0
