@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Dialect
 from sqlalchemy.pool import QueuePool
 
-from ._compat import GIVE_BACK_ATTRIBUTE, max_overflow
+from ._compat import GIVE_BACK_ATTRIBUTE, max_overflow, running_loop
 from ._statements import fetch_row, fetch_rows
 from ._waits import bounded
 
@@ -140,6 +140,8 @@ class GiveBack:
         if self.owed <= 0 or not self._overflow_open(pool):
             self._settle()
             return False
+        if running_loop() is None:
+            return False  # a return outside the event loop: the pool could not be held
         self.owed -= 1
         state = self._state
         state.counters.overflow_given_back += 1
