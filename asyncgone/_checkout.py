@@ -221,12 +221,17 @@ class CheckoutCheck:
         if reason is None:
             return None
         assert isinstance(reason, Reason)
-        state.counters.replaced[reason] += 1
-        if reason in DEAD:
-            # Close the socket now: closing it politely could wait on a silent network path.
-            state.driver.abort(conn)
-        announce(state, conn, reason, now)
+        _retire(state, conn, reason, now)
         return reason
+
+
+def _retire(state: EngineState, conn: Any, reason: Reason, now: float) -> None:
+    """Count and announce the replacement of ``conn``; if dead, close its socket at once."""
+    state.counters.replaced[reason] += 1
+    if reason in DEAD:
+        # Close the socket now: closing it politely could wait on a silent network path.
+        state.driver.abort(conn)
+    announce(state, conn, reason, now)
 
 
 def _ask(
@@ -256,9 +261,7 @@ def _ask(
         elif isinstance(exc, TimeoutError) or is_disconnect(exc) or code is None:
             timed_out = isinstance(exc, TimeoutError)
             reason = Reason.PING_TIMEOUT if timed_out else Reason.PING_FAILED
-            state.counters.replaced[reason] += 1
-            state.driver.abort(conn)
-            announce(state, conn, reason, time.monotonic())
+            _retire(state, conn, reason, time.monotonic())
             record.invalidate(DisconnectionError(f"asyncgone replaced it: {reason.value}"))
         else:
             log.debug("the give-back's question failed: %s", describe(exc))
