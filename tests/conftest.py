@@ -99,6 +99,27 @@ def disposable(disposable_server: MariaDBServer) -> Server:
     return server
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Topology scenarios (each builds servers of its own, tens of seconds) run each driver
+    on one loop when both loops are selected: aiomysql on asyncio's, asyncmy on uvloop. Every
+    driver and every loop still runs them; the rest of the suite crosses all four pairs."""
+    if len(_loops()) < 2:
+        return
+    pairs = {("asyncio", "aiomysql"), ("uvloop", "asyncmy")}
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("topology") and "anyio_backend" in params and "driver" in params:
+            loop = "uvloop" if params["anyio_backend"][1].get("use_uvloop") else "asyncio"
+            if (loop, params["driver"]) not in pairs:
+                dropped.append(item)
+                continue
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Move what importing and collecting created out of the collector's way: the full
     collection after every test then walks only what tests made (~50 ms less per test)."""
