@@ -24,10 +24,13 @@ thread and backs off; asyncgone does the same per engine:
   capacity, while the engine holds other connections, is raised at once, and its next try
   waits for one of them to come back (the overflow being held) instead of asking again;
 - otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
-  after it began (5 by default, or the pool's ``pool_timeout``), the deadline of its anyio cancel
-  scope (``anyio.fail_after``, ``Database.start()``, ``health()``), and the deadline
-  ``Database.run()`` sets (``connect_deadline``). When the next try would come after it,
-  the caller gets the server's last refusal, as it would have without asyncgone.
+  after it began (5 by default, or the pool's ``pool_timeout``; ``Database.start()``, which
+  has nothing to fall back on, waits its whole ``connect_timeout`` instead when that is
+  longer, ``retry_until``), the deadline of its anyio cancel scope (``anyio.fail_after``,
+  ``Database.start()``, ``health()``), and the deadline ``Database.run()`` sets
+  (``connect_deadline``). When the next try would come after it, one last try comes at the
+  end of the retry window (not at a deadline, which would cut it short); then the caller
+  gets the server's last refusal, as it would have without asyncgone.
 
 Errors that retrying cannot cure (access denied, unknown database, TLS failures) are raised
 at once, and so is a refused socket connect before the engine ever reached its server (a
@@ -39,7 +42,6 @@ open: checkouts pay nothing.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import logging
@@ -59,6 +61,7 @@ from ._config import EngineOptions
 from ._drivers import DriverSupport, connect_error
 from ._errors import error_code
 from ._stats import Counters
+from ._waits import Slots
 
 __all__ = [
     "REFUSAL_CODES",
@@ -66,6 +69,7 @@ __all__ = [
     "admission_for",
     "connect_deadline",
     "is_refusal",
+    "retry_until",
 ]
 
 log = logging.getLogger("asyncgone")
@@ -96,6 +100,9 @@ _HOLD_MAX = 60.0
 # up to connect_backoff_max, and each delay is drawn between half of it and all of it.
 _BACKOFF_BASE = 0.1
 
+# Less time than this left in the retry window: no last try at its end, in seconds.
+_LAST_TRY = 0.05
+
 # SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
 _POOL_TIMEOUT = 30.0
 
@@ -104,6 +111,21 @@ _POOL_TIMEOUT = 30.0
 _DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
     "asyncgone_connect_deadline", default=math.inf
 )
+
+
+# A later end of the retry window than connect_retry's (see retry_until), monotonic().
+_RETRY_UNTIL = contextvars.ContextVar("asyncgone_retry_until", default=-math.inf)
+
+
+@contextlib.contextmanager
+def retry_until(when: float) -> Iterator[None]:
+    """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) even
+    past ``connect_retry`` seconds, unless retries are off (``connect_retry=None``)."""
+    token = _RETRY_UNTIL.set(when)
+    try:
+        yield
+    finally:
+        _RETRY_UNTIL.reset(token)
 
 
 @contextlib.contextmanager
@@ -141,44 +163,6 @@ def is_refusal(exc: BaseException) -> bool:
     return False
 
 
-class _Slots:
-    """A first-come, first-served counting semaphore that works on any event loop.
-
-    A slot handed to a waiter that is cancelled at that moment is passed on, never lost.
-    """
-
-    __slots__ = ("_free", "_waiters")
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiters: collections.deque[anyio.Event] = collections.deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        event = anyio.Event()
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():  # handed over just as the wait ended: pass it on
-                self.release()
-            else:
-                self._waiters.remove(event)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the slot goes straight to the next waiter
-        else:
-            self._free += 1
-
-
 class Admission:
     """The connect admission of one engine; see the module docstring.
 
@@ -202,7 +186,7 @@ class Admission:
         self.backoff_max = backoff_max
         self._counters = counters
         self._error = error
-        self._slots = None if max_connecting is None else _Slots(max_connecting)
+        self._slots = None if max_connecting is None else Slots(max_connecting)
         self._not_before = -math.inf  # time.monotonic(): no attempt starts earlier
         # Refusals in a row: each within 2 * backoff_max seconds of the one before.
         self._streak = 0
@@ -244,14 +228,19 @@ class Admission:
         ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
         return random.uniform(ceiling / 2, ceiling)
 
-    def _deadline(self, now: float) -> float:
-        """The latest moment this caller's connect may try: the retry window, the caller's
-        cancel scope, a deadline set with ``connect_deadline``."""
-        until = min(now + self.retry_for, _DEADLINE.get())
+    def _deadline(self, now: float) -> tuple[float, bool]:
+        """The latest moment this caller's connect may try: the retry window (or a later
+        end set with ``retry_until``), the caller's cancel scope, a deadline set with
+        ``connect_deadline``; and whether it is one of the last two, which would cut short
+        an attempt begun at that moment."""
+        window = now + self.retry_for
+        if self.retry_for > 0:
+            window = max(window, _RETRY_UNTIL.get())
+        hard = _DEADLINE.get()
         scope = anyio.current_effective_deadline()
         if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
-            until = min(until, now + (scope - anyio.current_time()))
-        return until
+            hard = min(hard, now + (scope - anyio.current_time()))
+        return min(window, hard), hard <= window
 
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
@@ -264,7 +253,7 @@ class Admission:
 
     async def _connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         counters = self._counters
-        until = self._deadline(time.monotonic())
+        until, hard = self._deadline(time.monotonic())
         while True:
             await self._acquire(until)
             try:
@@ -295,7 +284,10 @@ class Admission:
                             raise  # Database.run() tries again, through the held pool
                     elif self._overflow_limit is not None:
                         self._last_full = time.monotonic()  # still refusing: keep holding
-                    if time.monotonic() + delay >= until:
+                    now = time.monotonic()
+                    # The backoff is cut short to make a last try at the window's end; an
+                    # attempt at a deadline's moment would be cut short itself.
+                    if now + delay >= until and (hard or now >= until - _LAST_TRY):
                         raise
                     continue  # the slot is released first, then the backoff is awaited
                 finally:

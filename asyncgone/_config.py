@@ -188,8 +188,9 @@ class EngineOptions:
     - ``connect_backoff_max``: the longest pause between two refused attempts, in seconds
       (default 2).
     - ``overflow_give_back``: while the pool holds connections beyond ``pool_size``, ask the
-      server (one ``SHOW GLOBAL STATUS`` every ``connect_backoff_max`` seconds at most)
-      whether it refused other clients while full, and if so close returning overflow
+      server (one ``SHOW GLOBAL STATUS`` every ``connect_backoff_max`` seconds at most, a
+      quarter of that while it is full) whether it refused other clients while full, and
+      if so close returning overflow
       connections, one per refusal, so that the pools of a fleet come before its overflow
       (default ``True``; single-host engines only; see ``docs/fleets.md``).
     - ``galera_spread``: for Galera nodes (and any multi-host URL), spread new connections

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from ._admission import retry_until
 from ._cancel import drain_and_dispose
 from ._config import RunOptions, check_flag, seconds, split_options
 from ._engine import create_engine, first_connect_bound
@@ -191,9 +192,13 @@ class Database:
         return self._engine
 
     async def start(self) -> Database:
-        """Create the engine and check that the server answers; return self. A full server
-        (1040, 1203) is tried again with a backoff (``connect_retry``) for up to
-        ``connect_timeout + ping_timeout`` s; then ``DatabaseUnavailable`` names the error."""
+        """Create the engine and check that the server answers; return self.
+
+        Bounded by ``connect_timeout + ping_timeout`` seconds (more for a multi-host URL:
+        its host search's deadline). A full server (1040, 1203) is tried again with a
+        backoff for ``connect_timeout`` seconds, or ``connect_retry`` if that is longer
+        (``connect_retry=None``: not at all). Raises ``DatabaseUnavailable`` naming the last
+        error, and ``AsyncGoneError`` for a closed Database."""
         if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
         if self._lifecycle is _Lifecycle.STARTED:
@@ -201,7 +206,11 @@ class Database:
         self._engine = create_engine(self.url, **self._engine_options)
         self._lifecycle = _Lifecycle.STARTED
         try:
-            with anyio.fail_after(first_connect_bound(self._engine, self._options)):
+            bound = first_connect_bound(self._engine, self._options)
+            # A full server is waited for up to the bound less one statement's time: the
+            # pools of a fleet's other processes give their overflow back meanwhile.
+            wait_until = time.monotonic() + bound - self._options.ping_timeout
+            with anyio.fail_after(bound), retry_until(wait_until):
                 async with self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except BaseException as exc:

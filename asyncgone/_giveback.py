@@ -8,10 +8,12 @@ keep their overflow for as long as their load lasts, and a process that starts l
 refused (1040) all that time: its ``Database.start()`` fails although the pools alone fit.
 
 So an engine whose pool holds overflow connections (more than ``pool_size`` open) asks the
-server, at most once every ``connect_backoff_max`` seconds, on a connection being checked
-out: one ``SHOW GLOBAL STATUS`` round trip (and ``SELECT @@max_connections`` the first time,
-and after a restart), reading counters every MariaDB and MySQL server keeps and shows to any
-account: ``Connection_errors_max_connections`` (1040 before authentication) plus
+server, at most once every ``connect_backoff_max`` seconds (a quarter of that after a first
+question, which only learns where the counters stand, and while the server is full), on a
+connection being checked out: one ``SHOW GLOBAL STATUS`` round trip (and
+``SELECT @@max_connections`` the first time, and after a restart), reading counters every
+MariaDB and MySQL server keeps and shows to any account:
+``Connection_errors_max_connections`` (1040 before authentication) plus
 ``Aborted_connects`` (1040 after it, which an account without ``CONNECTION ADMIN`` meets at
 the last connection), less this engine's own refusals; ``Threads_connected``; ``Uptime``, to
 tell a restarted server, whose counters start again from 0. When the server refused others
@@ -62,11 +64,16 @@ STATUS_SQL = (
 _RESTART_SLACK = 5.0
 
 
+# The share of the interval after which the next question comes when the last one only set
+# the baseline, or found the server full.
+_SOON = 0.25
+
+
 class GiveBack:
     """When one engine asks the server about refusals, what it heard, and what it owes.
 
-    ``interval`` is the least time between two questions, and ``timeout`` bounds each, in
-    seconds.
+    ``interval`` is the time between two questions (a quarter of it after a first one, and
+    while the server is full), and ``timeout`` bounds each, in seconds.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class GiveBack:
         seen, self._seen = self._seen, (refused, uptime, now, own)
         if seen is None or uptime + _RESTART_SLACK < seen[1] + (now - seen[2]):
             self._max_connections = None  # a first question, or a restarted server
+            self.due = now + self._interval * _SOON  # that only set the baseline
             return
         if self._max_connections is None:
             row = await bounded(fetch_row(conn, "SELECT @@max_connections"), self._timeout)
@@ -130,6 +138,8 @@ class GiveBack:
         full = self._max_connections is not None and (
             status.get("threads_connected", 0) >= self._max_connections - 1
         )
+        if full:  # others may be refused any moment: the next question comes sooner
+            self.due = now + self._interval * _SOON
         if others > 0 and full:
             self.owed = others
             setattr(self._dialect, GIVE_BACK_ATTRIBUTE, self.give_back)

@@ -11,11 +11,14 @@ from cancelling the waiter, and an anyio ``CancelScope(shield=True)`` does not s
 await). Cleanup therefore runs in a task of its own, bounded, and the caller waits for it
 inside a shielded scope, absorbing native cancellations until it is done and re-raising
 the first one afterwards.
+
+``Slots`` is the queue of connection attempts waiting for their turn (``_admission``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -24,7 +27,7 @@ import anyio
 
 from ._compat import scope_will_redeliver
 
-__all__ = ["absorb_cancellation", "bounded", "finish"]
+__all__ = ["Slots", "absorb_cancellation", "bounded", "finish"]
 
 log = logging.getLogger("asyncgone")
 
@@ -88,3 +91,41 @@ def absorb_cancellation(cancelled: BaseException, handling: BaseException | None
     if uncancel is not None:
         uncancel()
     task.cancel(*cancelled.args[:1])
+
+
+class Slots:
+    """A first-come, first-served counting semaphore that works on any event loop.
+
+    A slot handed to a waiter that is cancelled at that moment is passed on, never lost.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():  # handed over just as the wait ended: pass it on
+                self.release()
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot goes straight to the next waiter
+        else:
+            self._free += 1

@@ -13,7 +13,8 @@ every process has started (``--staggered``: as soon as each has, so the last one
 against a server the first ones already fill). Once the fleet is warm the server is killed
 with SIGKILL and started again under load; the workers keep going for a while and report.
 
-Figures, per run: units completed and failed, processes that gave up; refusals counted by
+Figures, per run: units completed and failed, processes that gave up, the seconds each
+process's ``Database.start()`` took (sorted); refusals counted by
 the server (``Connection_errors_max_connections``, before authentication, plus
 ``Aborted_connects``, which counts the 1040s sent after authentication) over both server
 lives; connect attempts counted by the clients (``asyncgone.stats``: ``connect_attempts``,
@@ -82,11 +83,14 @@ async def _work(url: str, mode: str, stop: Path) -> dict[str, Any]:
         "failures": [],
         "samples": [],
     }
+    began = time.monotonic()
     try:
         await db.start()
     except Exception as exc:
         result["failures"].append(f"start: {_describe(exc)}")
         return result
+    finally:
+        result["start_s"] = round(time.monotonic() - began, 2)
     result["started"] = True
     stopping = asyncio.Event()
     print("ready", flush=True)
@@ -243,6 +247,7 @@ def run_fleet(
         "commit_outcome_unknown": sum(r["outcome_unknown"] for r in results),
         "failures": sorted(set(failures))[:5],
         "processes_gave_up": sum(1 for r in results if not r["started"]),
+        "start_s": sorted(r["start_s"] for r in results),
         "exit_codes": [proc.returncode for proc in workers],
         # Status counters start again at 0 with the server: "before" covers the fleet's
         # start and warm-up, "after" the restart and the load after it.

@@ -4,13 +4,15 @@ behaviour against a server is in tests/chaos/test_admission.py)."""
 from __future__ import annotations
 
 import math
+import time
 
 import anyio
 import pymysql
 import pytest
 
-from asyncgone._admission import Admission, _Slots, connect_deadline, is_refusal
+from asyncgone._admission import Admission, connect_deadline, is_refusal, retry_until
 from asyncgone._stats import Counters
+from asyncgone._waits import Slots
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +82,7 @@ def test_connect_deadlines_nest_to_the_earliest() -> None:
 
 async def test_slots_go_in_order_and_survive_cancelled_waiters() -> None:
     """First come, first served; a waiter cancelled while waiting leaves no trace."""
-    slots = _Slots(1)
+    slots = Slots(1)
     await slots.acquire()
     order: list[str] = []
 
@@ -107,7 +109,7 @@ async def test_slots_go_in_order_and_survive_cancelled_waiters() -> None:
 async def test_a_slot_handed_to_a_waiter_being_cancelled_is_passed_on() -> None:
     """The slot is released to a waiter that is cancelled before it runs: whether the
     cancellation or the slot wins, the next waiter gets the slot after it and none is lost."""
-    slots = _Slots(1)
+    slots = Slots(1)
     await slots.acquire()
     order: list[str] = []
     doomed = anyio.CancelScope()
@@ -151,3 +153,58 @@ async def test_a_caller_that_gets_no_slot_in_time_gets_the_drivers_2003() -> Non
                 await gate.connect(quick)
     assert info.value.args[0] == 2003
     assert gate._counters.connect_attempts == 1
+
+
+def full_server(times: list[float]) -> object:
+    """A connect attempt that notes its time and meets a full server."""
+
+    async def attempt() -> str:
+        times.append(anyio.current_time())
+        raise pymysql.err.OperationalError(1040, "Too many connections")
+
+    return attempt
+
+
+@pytest.fixture
+def longest_backoffs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every backoff at its jitter's upper end: 0.1, 0.2, 0.4, 0.8 s, ... (capped at 2)."""
+    monkeypatch.setattr("asyncgone._admission.random.uniform", lambda low, high: high)
+
+
+@pytest.mark.usefixtures("longest_backoffs")
+async def test_a_last_try_comes_at_the_end_of_the_retry_window() -> None:
+    """When the next backoff would pass the retry window, one last try comes at its end
+    (tries at 0, 0.1, 0.3, 0.7 and 1.0 s), then the server's refusal is raised."""
+    gate, times = admission(retry_for=1.0, max_connecting=None), []
+    began = anyio.current_time()
+    with anyio.fail_after(10), pytest.raises(pymysql.err.OperationalError) as info:
+        await gate.connect(full_server(times))  # type: ignore[arg-type]
+    assert info.value.args[0] == 1040
+    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7, 1.0]
+
+
+@pytest.mark.usefixtures("longest_backoffs")
+async def test_no_last_try_at_a_deadline_that_would_cut_it_short() -> None:
+    """A cancel scope's deadline before the window's end gets no try at its very moment:
+    the server's refusal is raised after the try at 0.7 s, not a timeout."""
+    gate, times = admission(retry_for=5.0, max_connecting=None), []
+    began = anyio.current_time()
+    with pytest.raises(pymysql.err.OperationalError) as info, anyio.fail_after(1.0):
+        await gate.connect(full_server(times))  # type: ignore[arg-type]
+    assert info.value.args[0] == 1040
+    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7]
+
+
+@pytest.mark.usefixtures("longest_backoffs")
+async def test_retry_until_extends_the_window_unless_retries_are_off() -> None:
+    """``retry_until`` (``Database.start()``) retries past ``connect_retry``; with retries
+    off (``connect_retry=None``: 0 s) the first refusal is still raised at once."""
+    extended, times = admission(retry_for=0.2, max_connecting=None), []
+    began = anyio.current_time()
+    with retry_until(time.monotonic() + 1.0), pytest.raises(pymysql.err.OperationalError):
+        await extended.connect(full_server(times))  # type: ignore[arg-type]
+    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7, 1.0]
+    hasty, times = admission(retry_for=0.0, max_connecting=None), []
+    with retry_until(time.monotonic() + 1.0), pytest.raises(pymysql.err.OperationalError):
+        await hasty.connect(full_server(times))  # type: ignore[arg-type]
+    assert len(times) == 1
