@@ -11,7 +11,8 @@ thresholds.
 The verdict costs no round trip in steady state: the event loop reads an idle socket in the
 background, so a connection the server closed shows EOF (or an unsolicited error packet)
 before anyone asks, and the kernel is asked once more (``poll(2)``) for what a busy loop has
-not read yet. Only a connection idle for ``ping_after`` seconds gets a COM_PING, bounded by
+not read yet (not for a connection the server answered less than ``FRESH`` seconds ago).
+Only a connection idle for ``ping_after`` seconds gets a COM_PING, bounded by
 ``ping_timeout``; a driver whose connections asyncgone cannot inspect gets that ping at
 every checkout instead.
 """
@@ -38,13 +39,20 @@ from ._statements import ping
 from ._stats import Reason
 from ._waits import bounded
 
-__all__ = ["DEAD", "PING_DUE", "CheckoutCheck", "verdict"]
+__all__ = ["DEAD", "FRESH", "PING_DUE", "CheckoutCheck", "verdict"]
 
 log = logging.getLogger("asyncgone")
 
 # Errors of an account the server does not show its status to: access denied (1044, 1142,
 # 1227). The give-back's question is then turned off.
 _NOT_ALLOWED = frozenset({1044, 1142, 1227})
+
+#: Seconds since the server last answered a connection within which a checkout does not
+#: ask the socket (``poll(2)`` and the loop's state) whether the server closed it since: a
+#: close in that moment is met by the first statement instead, as one just after the check
+#: would be. A connection checked out right after its return, as under load, costs no
+#: system call.
+FRESH = 0.001
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
 DEAD = frozenset({Reason.CLOSED_BY_SERVER, Reason.PING_FAILED, Reason.PING_TIMEOUT})
@@ -170,12 +178,13 @@ class CheckoutCheck:
         conn = holder.conn() or record.dbapi_connection.driver_connection
         now = time.monotonic()
         # The common case in one test: recently active, lifetime not over, the pool not
-        # invalidated since it opened, on this loop, and the socket shows nothing.
+        # invalidated since it opened, on this loop, and the socket shows nothing; a
+        # connection the server answered less than FRESH seconds ago is not asked.
         if not (
             now < holder.trusted_until
             and holder.created >= state.invalid_before
             and holder.loop() is asyncio.get_running_loop()
-            and not holder.closed(conn)
+            and (now - holder.last_activity < FRESH or not holder.closed(conn))
         ):
             reason = self._reason(state, record, holder, conn, now)
             if reason is not None:

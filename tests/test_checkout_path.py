@@ -8,6 +8,8 @@ never handed out, and a connection opened for a checkout is not checked again.
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 from sqlalchemy import event, text
@@ -137,5 +139,39 @@ async def test_a_cancelled_ping_returns_the_record_to_the_pool(url: str) -> None
             assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         with anyio.fail_after(10):
             assert await connection_id(engine) > 0
+    finally:
+        await engine.dispose()
+
+
+async def test_only_a_connection_answered_within_fresh_skips_the_socket_check(url: str) -> None:
+    """A connection taken again within ``FRESH`` of the server's last answer is handed out
+    without asking its socket; one answered longer ago is asked (``poll(2)``) as before."""
+    from asyncgone._checkout import FRESH
+    from asyncgone._state import HOLDER_KEY
+
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
+    asked: list[float] = []
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            record = (await conn.get_raw_connection())._connection_record
+        holder = record.info[HOLDER_KEY]
+        check = holder.closed
+
+        def closed(driver_connection: object) -> bool:
+            asked.append(holder.last_activity)
+            return check(driver_connection)
+
+        holder.closed = closed
+        # As if the server had just answered (later than now: no scheduling delay counts).
+        holder.last_activity = time.monotonic() + 60
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        assert asked == []
+        await anyio.sleep(FRESH * 5)
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        assert len(asked) == 1
+        assert asyncgone.stats(engine).checks == 2
     finally:
         await engine.dispose()
