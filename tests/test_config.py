@@ -138,3 +138,13 @@ def test_connect_admission_accepts_its_documented_values() -> None:
     assert EngineOptions(connect_retry=None).connect_retry is None
     assert EngineOptions(connect_retry=0).connect_retry == 0
     assert EngineOptions(connect_retry=12.5, connect_backoff_max=0.5).connect_retry == 12.5
+
+
+@pytest.mark.parametrize("name", ["kill_on_cancel", "overflow_give_back", "galera_spread"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_flags_must_be_true_or_false(name: str, value: object) -> None:
+    """A flag given as anything but True or False is refused before anything connects,
+    naming the option and the value."""
+    url = "mysql+asyncmy://root@127.0.0.1:1/test"
+    with pytest.raises(ConfigurationError, match=f"{name} must be True or False, got {value!r}"):
+        asyncgone.create_engine(url, **{name: value})
