@@ -12,7 +12,7 @@ thread and backs off; asyncgone does the same per engine:
 - a refused attempt is tried again after a jittered exponential backoff, which every attempt
   of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
   seconds; refusals more than ``2 * connect_backoff_max`` apart start from the smallest
-  pause again;
+  pause again; until an attempt succeeds, one attempt at a time probes the server;
 - a refusal for want of capacity (1040, 1203), this engine's or another client's
   (``_giveback``), also holds the engine's pool at the connections it has: QueuePool's
   overflow limit is lowered to them, so checkouts wait for a
@@ -59,37 +59,20 @@ from sqlalchemy.pool import QueuePool
 from . import _compat
 from ._config import EngineOptions
 from ._drivers import DriverSupport, connect_error
-from ._errors import error_code
+from ._errors import CAPACITY_CODES, SERVER_REFUSALS, error_code, is_refusal
 from ._stats import Counters
 from ._waits import Slots
 
 __all__ = [
-    "REFUSAL_CODES",
     "Admission",
     "admission_for",
     "connect_deadline",
-    "is_refusal",
     "retry_until",
 ]
 
 log = logging.getLogger("asyncgone")
 
 _T = TypeVar("_T")
-
-#: Connect errors the server (or its host) clears by itself, and that repeating at once
-#: only makes worse: too many connections (1040), ``max_user_connections`` reached (1203),
-#: host blocked after too many connection errors (1129, until ``FLUSH HOSTS`` or
-#: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
-#: socket, 2003 on TCP, each with the refused connect chained: a server starting or
-#: restarting).
-REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
-
-# Refusals that mean the server is full (not down): too many connections, and the account's
-# max_user_connections.
-_CAPACITY_CODES = frozenset({1040, 1203})
-
-# Refusals the server sends itself (the others are the socket's).
-_SERVER_REFUSALS = frozenset({1040, 1129, 1203})
 
 # A held pool's overflow limit rises by one after this many backoff_max of no refusal, and
 # after a minute at most.
@@ -102,6 +85,9 @@ _BACKOFF_BASE = 0.1
 
 # Less time than this left in the retry window: no last try at its end, in seconds.
 _LAST_TRY = 0.05
+# A cancel scope's or run()'s deadline less than this after the retry window's end leaves
+# no room for a last try there, in seconds.
+_LAST_TRY_ROOM = 1.0
 
 # SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
 _POOL_TIMEOUT = 30.0
@@ -140,29 +126,6 @@ def connect_deadline(when: float) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
-def is_refusal(exc: BaseException) -> bool:
-    """Tell whether a failed connect is a refusal worth retrying after a backoff.
-
-    2002/2003 count only when the socket's connect was refused (the drivers chain the
-    ``ConnectionRefusedError``, or ``FileNotFoundError`` for a missing unix socket): a
-    server that is not listening yet. A host that does not answer, or a server that accepts
-    and never greets (``connect_timeout``), already cost the caller its time: not again.
-    """
-    code = error_code(exc)
-    if code in _SERVER_REFUSALS:
-        return True
-    if code not in (None, 2002, 2003) and not isinstance(exc, OSError):
-        return False
-    seen: BaseException | None = exc
-    for _ in range(5):  # the driver's error, then what it was raised from
-        if seen is None:
-            break
-        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 class Admission:
     """The connect admission of one engine; see the module docstring.
 
@@ -191,6 +154,9 @@ class Admission:
         # Refusals in a row: each within 2 * backoff_max seconds of the one before.
         self._streak = 0
         self._last_refusal = -math.inf
+        # Since the last refusal no attempt succeeded: attempts go one at a time (_probe).
+        self._refusing = False
+        self._probe = Slots(1)
         self.in_flight = 0  # attempts running now
         # Connects under way (waiting, attempting or backing off): the pool counts each as
         # a connection already.
@@ -231,8 +197,8 @@ class Admission:
     def _deadline(self, now: float) -> tuple[float, bool]:
         """The latest moment this caller's connect may try: the retry window (or a later
         end set with ``retry_until``), the caller's cancel scope, a deadline set with
-        ``connect_deadline``; and whether it is one of the last two, which would cut short
-        an attempt begun at that moment."""
+        ``connect_deadline``; and whether a last try fits at that moment (not when one of
+        the last two comes within ``_LAST_TRY_ROOM`` of it: it would cut that try short)."""
         window = now + self.retry_for
         if self.retry_for > 0:
             window = max(window, _RETRY_UNTIL.get())
@@ -240,7 +206,7 @@ class Admission:
         scope = anyio.current_effective_deadline()
         if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
             hard = min(hard, now + (scope - anyio.current_time()))
-        return min(window, hard), hard <= window
+        return min(window, hard), hard > window + _LAST_TRY_ROOM
 
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
@@ -253,9 +219,27 @@ class Admission:
 
     async def _connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         counters = self._counters
-        until, hard = self._deadline(time.monotonic())
+        until, last_try = self._deadline(time.monotonic())
+        refusal: Exception | None = None  # the server's last refusal of this caller
         while True:
-            await self._acquire(until)
+            if not await self._acquire(self._slots, until):
+                raise refusal or self._no_slot(self._slots)
+            # While the server refuses, one attempt at a time probes it (as HikariCP's one
+            # thread does); the first success lets the others go again, max_connecting wide.
+            probe = self._probe if self._refusing else None
+            try:
+                admitted = await self._acquire(probe, until)
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.release()
+                raise
+            if not admitted:
+                if self._slots is not None:
+                    self._slots.release()
+                raise refusal or self._no_slot(probe)
+            if probe is not None and not self._refusing:  # a probe succeeded meanwhile
+                probe.release()
+                probe = None
             try:
                 # The engine may have backed off while this caller waited for its slot.
                 pause = min(self._not_before, until) - time.monotonic()
@@ -268,7 +252,7 @@ class Admission:
                 except Exception as exc:
                     if not is_refusal(exc):
                         raise
-                    if error_code(exc) not in _SERVER_REFUSALS and not (
+                    if error_code(exc) not in SERVER_REFUSALS and not (
                         self._reached and self._retry_refused_sockets
                     ):
                         # Nothing listens: before this engine ever reached its server, more
@@ -276,8 +260,9 @@ class Admission:
                         # the host search tries the next one instead.
                         raise
                     counters.connects_refused += 1
+                    refusal = exc
                     delay = self._refused()
-                    if error_code(exc) in _CAPACITY_CODES:
+                    if error_code(exc) in CAPACITY_CODES:
                         self.capacity_refused += 1
                         self.hold_overflow()
                         if _DEADLINE.get() < math.inf and self._others_held():
@@ -287,14 +272,17 @@ class Admission:
                     now = time.monotonic()
                     # The backoff is cut short to make a last try at the window's end; an
                     # attempt at a deadline's moment would be cut short itself.
-                    if now + delay >= until and (hard or now >= until - _LAST_TRY):
+                    if now + delay >= until and (not last_try or now >= until - _LAST_TRY):
                         raise
                     continue  # the slot is released first, then the backoff is awaited
                 finally:
                     self.in_flight -= 1
                 self._reached = True
+                self._refusing = False
                 return connection
             finally:
+                if probe is not None:
+                    probe.release()
                 if self._slots is not None:
                     self._slots.release()
 
@@ -304,6 +292,7 @@ class Admission:
         if now - self._last_refusal > 2 * self.backoff_max:
             self._streak = 0  # the last refusals are long past: start small again
         self._last_refusal = now
+        self._refusing = True
         delay = self.backoff()
         self._streak += 1
         self._not_before = max(self._not_before, time.monotonic() + delay)
@@ -377,17 +366,28 @@ class Admission:
         self._overflow_limit = limit
         self._schedule()
 
-    async def _acquire(self, until: float) -> None:
-        """Take a slot, waiting until ``until`` at most (then the driver's 2003 error)."""
-        if self._slots is None:
-            return
+    async def _acquire(self, slots: Slots | None, until: float) -> bool:
+        """Take one of ``slots`` (None: no limit), waiting until ``until`` at most; return
+        whether it was taken."""
+        if slots is None:
+            return True
         with anyio.move_on_after(max(0.0, until - time.monotonic())):
-            await self._slots.acquire()
-            return
-        raise self._error(
+            await slots.acquire()
+            return True
+        return False
+
+    def _no_slot(self, slots: Slots | None) -> Exception:
+        """The driver's 2003 error for a caller that never got its turn before its
+        deadline (and was never refused itself)."""
+        busy = (
+            "the server refused the last attempt and one attempt at a time probes it"
+            if slots is self._probe
+            else f"max_connecting={self.max_connecting} attempts were in flight"
+        )
+        return self._error(
             2003,
-            f"Can't connect to MySQL server: no connection attempt could start before the "
-            f"deadline; max_connecting={self.max_connecting} attempts were in flight",
+            "Can't connect to MySQL server: no connection attempt could start before the "
+            f"deadline; {busy}",
         )
 
 

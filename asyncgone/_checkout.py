@@ -48,10 +48,10 @@ log = logging.getLogger("asyncgone")
 _NOT_ALLOWED = frozenset({1044, 1142, 1227})
 
 #: Seconds since the server last answered a connection within which a checkout does not
-#: ask the socket (``poll(2)`` and the loop's state) whether the server closed it since: a
-#: close in that moment is met by the first statement instead, as one just after the check
-#: would be. A connection checked out right after its return, as under load, costs no
-#: system call.
+#: ask the kernel (``poll(2)``) whether the server closed it since; what the loop read and
+#: what the driver knows still count. A close in that moment that the loop has not read is
+#: met by the first statement instead, as one just after the check would be. A connection
+#: checked out right after its return, as under load, costs no system call.
 FRESH = 0.001
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
@@ -85,7 +85,7 @@ def verdict(
         return Reason.FOREIGN_LOOP
     if holder.created < state.invalid_before:
         return Reason.POOL_INVALIDATED
-    if holder.closed(conn):
+    if holder.closed(conn, True):
         return Reason.CLOSED_BY_SERVER
     if now + horizon >= holder.expires:
         return Reason.MAX_LIFETIME
@@ -184,7 +184,7 @@ class CheckoutCheck:
             now < holder.trusted_until
             and holder.created >= state.invalid_before
             and holder.loop() is asyncio.get_running_loop()
-            and (now - holder.last_activity < FRESH or not holder.closed(conn))
+            and not holder.closed(conn, now - holder.last_activity >= FRESH)
         ):
             reason = self._reason(state, record, holder, conn, now)
             if reason is not None:

@@ -189,7 +189,8 @@ class EngineOptions:
       (default 2).
     - ``overflow_give_back``: while the pool holds connections beyond ``pool_size``, ask the
       server (one ``SHOW GLOBAL STATUS`` every ``connect_backoff_max`` seconds at most, a
-      quarter of that while it is full) whether it refused other clients while full, and
+      quarter of that after its first question, after a restart and while the server is
+      full) whether it refused other clients while full, and
       if so close returning overflow
       connections, one per refusal, so that the pools of a fleet come before its overflow
       (default ``True``; single-host engines only; see ``docs/fleets.md``).

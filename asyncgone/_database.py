@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
@@ -195,10 +196,12 @@ class Database:
         """Create the engine and check that the server answers; return self.
 
         Bounded by ``connect_timeout + ping_timeout`` seconds (more for a multi-host URL:
-        its host search's deadline). A full server (1040, 1203) is tried again with a
-        backoff for ``connect_timeout`` seconds, or ``connect_retry`` if that is longer
-        (``connect_retry=None``: not at all). Raises ``DatabaseUnavailable`` naming the last
-        error, and ``AsyncGoneError`` for a closed Database."""
+        its host search's deadline). A refusal (1040, 1203, 1129, a server not listening
+        yet) is tried again with a backoff for ``connect_retry`` seconds, and on one server
+        for at least ``connect_timeout`` seconds, with a last try at the end; never past
+        the bound, and not at all with ``connect_retry=None`` or ``0``. A host search tries
+        the next host instead, after ``connect_retry``. Raises ``DatabaseUnavailable``
+        naming the last error, and ``AsyncGoneError`` for a closed Database."""
         if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
         if self._lifecycle is _Lifecycle.STARTED:
@@ -207,10 +210,13 @@ class Database:
         self._lifecycle = _Lifecycle.STARTED
         try:
             bound = first_connect_bound(self._engine, self._options)
-            # A full server is waited for up to the bound less one statement's time: the
-            # pools of a fleet's other processes give their overflow back meanwhile.
+            # One server refusing is waited for up to the bound less one statement's time:
+            # the pools of a fleet's other processes give their overflow back meanwhile.
+            # A host search tries the next host instead, after connect_retry as before.
+            state = state_of(self._engine)
+            one_server = state is None or state.search is None
             wait_until = time.monotonic() + bound - self._options.ping_timeout
-            with anyio.fail_after(bound), retry_until(wait_until):
+            with anyio.fail_after(bound), retry_until(wait_until if one_server else -math.inf):
                 async with self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except BaseException as exc:

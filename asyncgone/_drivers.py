@@ -38,7 +38,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._compat import drop_closed_loop_socket, running_loop
 from ._waits import bounded
-from ._watch import WATCHES, Poll, poll_once, watch_unknown
+from ._watch import WATCHES, Closed, Poll, poll_once, watch_unknown
 
 __all__ = [
     "CursorCount",
@@ -57,6 +57,10 @@ __all__ = [
 log = logging.getLogger("asyncgone")
 
 _SERVER_STATUS_IN_TRANS = 1
+
+# The step of uvloop's loop.time(), in seconds (asyncio's is finer).
+_LOOP_CLOCK_TICK = 0.001
+
 _KNOWN = ("aiomysql", "asyncmy")
 
 
@@ -110,7 +114,7 @@ class DriverSupport:
         self._shape: Shape | None = None
         # Until a connection shows otherwise, assume the socket can be checked for free.
         self.passive_check = True
-        self._watch: Callable[[Poll | None, Any], Callable[[Any], bool]] = watch_unknown
+        self._watch: Callable[[Poll | None, Any], Closed] = watch_unknown
 
     # -- shape -------------------------------------------------------------------------------
 
@@ -137,9 +141,9 @@ class DriverSupport:
     def is_closed(self, conn: Any) -> bool:
         """Tell, without a round trip, whether an idle connection can no longer be used."""
         transport = _transport(conn)
-        return self._watch(poll_once(transport), transport)(conn)
+        return self._watch(poll_once(transport), transport)(conn, True)
 
-    def watch(self, conn: Any) -> Callable[[Any], bool]:
+    def watch(self, conn: Any) -> Closed:
         """``is_closed`` for one connection, its poll object made once: for the checkout,
         which asks it at every reuse."""
         transport = _transport(conn)
@@ -193,8 +197,9 @@ class DriverSupport:
         if not isinstance(usage, float) or loop is None:
             return None
         # Both drivers stamp loop.time(); asyncio's and uvloop's clocks are monotonic, but
-        # not promised to share time.monotonic()'s origin: convert through the current offset.
-        return usage - float(loop.time()) + time.monotonic()
+        # not promised to share time.monotonic()'s origin: convert through the current offset,
+        # less uvloop's tick (its clock moves in milliseconds): never later than the truth.
+        return usage - float(loop.time()) + time.monotonic() - _LOOP_CLOCK_TICK
 
     # -- sockets and closing -----------------------------------------------------------------
 

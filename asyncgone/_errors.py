@@ -26,7 +26,10 @@ import enum
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
+    "CAPACITY_CODES",
     "DEFAULT_RETRY_CODES",
+    "REFUSAL_CODES",
+    "SERVER_REFUSALS",
     "AsyncGoneError",
     "CommitOutcomeUnknown",
     "ConfigurationError",
@@ -41,6 +44,7 @@ __all__ = [
     "is_disconnect",
     "is_node_not_ready",
     "is_read_only_refusal",
+    "is_refusal",
     "is_unavailable",
 ]
 
@@ -289,3 +293,42 @@ def describe(exc: BaseException) -> str:
     """
     inner = getattr(exc, "orig", None) or exc
     return f"{type(inner).__name__}: {inner}"
+
+
+#: Connect errors the server (or its host) clears by itself, and that repeating at once
+#: only makes worse: too many connections (1040), ``max_user_connections`` reached (1203),
+#: host blocked after too many connection errors (1129, until ``FLUSH HOSTS`` or
+#: ``max_connect_errors`` allows it again), and nothing listening yet (2002 on a unix
+#: socket, 2003 on TCP, each with the refused connect chained: a server starting or
+#: restarting).
+REFUSAL_CODES = frozenset({1040, 1129, 1203, 2002, 2003})
+
+#: Refusals that mean the server is full (not down): too many connections, and the account's
+#: max_user_connections.
+CAPACITY_CODES = frozenset({1040, 1203})
+
+#: Refusals the server sends itself (the others are the socket's).
+SERVER_REFUSALS = frozenset({1040, 1129, 1203})
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Tell whether a failed connect is a refusal worth retrying after a backoff.
+
+    2002/2003 count only when the socket's connect was refused (the drivers chain the
+    ``ConnectionRefusedError``, or ``FileNotFoundError`` for a missing unix socket): a
+    server that is not listening yet. A host that does not answer, or a server that accepts
+    and never greets (``connect_timeout``), already cost the caller its time: not again.
+    """
+    code = error_code(exc)
+    if code in SERVER_REFUSALS:
+        return True
+    if code not in (None, 2002, 2003) and not isinstance(exc, OSError):
+        return False
+    seen: BaseException | None = exc
+    for _ in range(5):  # the driver's error, then what it was raised from
+        if seen is None:
+            break
+        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

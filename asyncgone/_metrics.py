@@ -337,7 +337,7 @@ def pool_status(engine: AsyncEngine) -> PoolStatus:
         dbapi_connection = record.dbapi_connection
         holder = holder_of(record)  # its socket watch, made once per connection
         if dbapi_connection is None or (
-            holder is not None and holder.closed(dbapi_connection.driver_connection)
+            holder is not None and holder.closed(dbapi_connection.driver_connection, True)
         ):
             dead += 1
     return PoolStatus(

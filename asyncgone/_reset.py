@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -144,18 +145,22 @@ def _deciding_rollback(
             holder.last_activity = now
             holder.trusted_until = min(holder.expires, now + holder.quiet_for)
             return
-        if holder.closed(conn):
-            return  # nothing reaches a dead connection; its next checkout replaces it
+        if holder.closed(conn, True):
+            # Nothing reaches a dead connection; its next checkout replaces it, also within
+            # FRESH of its last answer (no longer trusted: the full verdict runs).
+            holder.trusted_until = -math.inf
+            return
         counters.resets += 1
-        _bounded_rollback(dbapi_connection, state)
-        _ended(holder)
+        if _bounded_rollback(dbapi_connection, state):
+            _ended(holder)
 
     return do_rollback
 
 
-def _bounded_rollback(dbapi_connection: Any, state: EngineState) -> None:
+def _bounded_rollback(dbapi_connection: Any, state: EngineState) -> bool:
     """The ROLLBACK of a connection going back to the pool: bounded, surviving a
-    cancellation; on failure the socket is closed, so the next checkout replaces it."""
+    cancellation; on failure the socket is closed, so the next checkout replaces it.
+    Return whether the server answered it."""
     driver = state.driver
     handling = sys.exc_info()[1]
     try:
@@ -167,11 +172,14 @@ def _bounded_rollback(dbapi_connection: Any, state: EngineState) -> None:
         # pool take the clean connection back and deliver the cancellation later: raised
         # from here, SQLAlchemy would discard the connection half-way.
         absorb_cancellation(cancelled, handling)
+        return False  # its outcome is not known here: the next checkout asks the socket
     except Exception as exc:
         # Raised to the pool, it would log the error with a traceback. Closed here, the
         # connection is found dead and replaced at its next checkout, quietly.
         log.debug("closing a connection whose rollback on return failed: %s", describe(exc))
         driver.abort(dbapi_connection.driver_connection)
+        return False
+    return True
 
 
 def install_reset(dialect: Dialect, state: EngineState, mode: Mode) -> None:

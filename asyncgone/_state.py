@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._drivers import CursorCount, DriverSupport
     from ._giveback import GiveBack
     from ._search import HostSearch
+    from ._watch import Closed
 
 __all__ = [
     "HOLDER_KEY",
@@ -117,7 +118,7 @@ class ConnectionHolder:
         self.ended_at: int | None = None
         self.cursors: CursorCount | None = None
         # Whether the connection can no longer be used (no round trip; see _drivers).
-        self.closed: Callable[[Any], bool] = _unknown
+        self.closed: Closed = _unknown
         # The driver's connection, weakly (it must not outlive its close in here): reached
         # at every unit of work, more cheaply than through SQLAlchemy's objects.
         self.conn: Callable[[], Any] = _gone
@@ -133,7 +134,7 @@ class ConnectionHolder:
         record.info[HOLDER_KEY] = self
 
 
-def _unknown(conn: Any) -> bool:
+def _unknown(conn: Any, ask_kernel: bool) -> bool:
     return False
 
 

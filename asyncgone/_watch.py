@@ -2,8 +2,9 @@
 
 Each watch answers for one connection: the server closed it (FIN or RST), unsolicited bytes
 arrived (e.g. MySQL's 4031 error packet), or the driver closed it itself. What the event
-loop already read counts first; then the kernel is asked, with one ``poll(2)``, what a loop
-kept busy since has not read yet. A watch is made once per connection
+loop already read counts first; then, unless the caller knows the server answered a moment
+ago (``_checkout.FRESH``), the kernel is asked, with one ``poll(2)``, what a loop kept busy
+since has not read yet. A watch is made once per connection
 (``DriverSupport.watch``) with its poll object ready, as the checkout asks it at every
 reuse. The descriptor is the connection's for its whole life: once the driver closes the
 socket, the attribute checks answer before the kernel is asked. The attributes read are the
@@ -16,10 +17,14 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WATCHES", "Poll", "poll_once", "watch_unknown"]
+__all__ = ["WATCHES", "Closed", "Poll", "poll_once", "watch_unknown"]
 
 #: A registered ``poll(2)`` call: timeout in milliseconds, the events seen.
 Poll = Callable[[int], list[tuple[int, int]]]
+
+#: A watch: ``closed(conn, ask_kernel)`` tells whether ``conn`` can no longer be used, from
+#: what the loop and the driver know, and if ``ask_kernel``, from one ``poll(2)`` too.
+Closed = Callable[[Any, bool], bool]
 
 # poll(2) rather than select(2), which fails on descriptors above 1023. Readable, hung up or
 # in error all mean the same for an idle connection: it cannot be handed out.
@@ -42,8 +47,8 @@ def poll_once(transport: Any) -> Poll | None:
     return poll
 
 
-def _watch_buffered(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
-    def closed(conn: Any) -> bool:
+def _watch_buffered(poll: Poll | None, transport: Any) -> Closed:
+    def closed(conn: Any, ask_kernel: bool) -> bool:
         proto, transport = conn._proto, conn._transport
         if proto is None or transport is None:
             return True  # closed by the driver
@@ -54,6 +59,8 @@ def _watch_buffered(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
             or proto.length > proto.pos  # unsolicited bytes
         ):
             return True
+        if not ask_kernel:
+            return False
         try:
             return poll is not None and bool(poll(0))
         except (OSError, ValueError):  # the socket is being torn down
@@ -62,12 +69,12 @@ def _watch_buffered(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
     return closed
 
 
-def _watch_streams(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
+def _watch_streams(poll: Poll | None, transport: Any) -> Closed:
     if transport is None:
         return _gone  # closed by the driver already
     is_closing = transport.is_closing
 
-    def closed(conn: Any) -> bool:
+    def closed(conn: Any, ask_kernel: bool) -> bool:
         reader = conn._reader
         if reader is None or conn._writer is None:
             return True  # closed by the driver
@@ -75,6 +82,8 @@ def _watch_streams(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
         # still be buffered), _buffer unread bytes, _exception a transport error.
         if reader._eof or reader._buffer or reader._exception is not None or is_closing():
             return True
+        if not ask_kernel:
+            return False
         try:
             return poll is not None and bool(poll(0))
         except (OSError, ValueError):  # the socket is being torn down
@@ -83,20 +92,20 @@ def _watch_streams(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
     return closed
 
 
-def watch_unknown(poll: Poll | None, transport: Any) -> Callable[[Any], bool]:
+def watch_unknown(poll: Poll | None, transport: Any) -> Closed:
     return _unknown
 
 
-def _unknown(conn: Any) -> bool:
+def _unknown(conn: Any, ask_kernel: bool) -> bool:
     return False  # nothing can be told without a round trip: the checkout pings instead
 
 
-def _gone(conn: Any) -> bool:
+def _gone(conn: Any, ask_kernel: bool) -> bool:
     return True
 
 
 #: The watch for each connection shape (``_drivers.Shape`` values).
-WATCHES: dict[str, Callable[[Poll | None, Any], Callable[[Any], bool]]] = {
+WATCHES: dict[str, Callable[[Poll | None, Any], Closed]] = {
     "buffered": _watch_buffered,
     "streams": _watch_streams,
     "unknown": watch_unknown,

@@ -10,7 +10,8 @@ import anyio
 import pymysql
 import pytest
 
-from asyncgone._admission import Admission, connect_deadline, is_refusal, retry_until
+from asyncgone._admission import Admission, connect_deadline, retry_until
+from asyncgone._errors import is_refusal
 from asyncgone._stats import Counters
 from asyncgone._waits import Slots
 
@@ -168,7 +169,18 @@ def full_server(times: list[float]) -> object:
 @pytest.fixture
 def longest_backoffs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every backoff at its jitter's upper end: 0.1, 0.2, 0.4, 0.8 s, ... (capped at 2)."""
-    monkeypatch.setattr("asyncgone._admission.random.uniform", lambda low, high: high)
+    monkeypatch.setattr(
+        Admission, "backoff", lambda self: min(self.backoff_max, 0.1 * 2 ** min(self._streak, 30))
+    )
+
+
+def near(times: list[float], began: float, expected: list[float]) -> bool:
+    """Whether the tries came at the expected seconds, each late by less than 0.15 s (the
+    sleeps' overshoot adds up on a loaded machine) and none early."""
+    seen = [t - began for t in times]
+    return len(seen) == len(expected) and all(
+        want - 0.01 <= got <= want + 0.15 for got, want in zip(seen, expected, strict=True)
+    )
 
 
 @pytest.mark.usefixtures("longest_backoffs")
@@ -180,7 +192,7 @@ async def test_a_last_try_comes_at_the_end_of_the_retry_window() -> None:
     with anyio.fail_after(10), pytest.raises(pymysql.err.OperationalError) as info:
         await gate.connect(full_server(times))  # type: ignore[arg-type]
     assert info.value.args[0] == 1040
-    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7, 1.0]
+    assert near(times, began, [0.0, 0.1, 0.3, 0.7, 1.0]), [t - began for t in times]
 
 
 @pytest.mark.usefixtures("longest_backoffs")
@@ -192,7 +204,7 @@ async def test_no_last_try_at_a_deadline_that_would_cut_it_short() -> None:
     with pytest.raises(pymysql.err.OperationalError) as info, anyio.fail_after(1.0):
         await gate.connect(full_server(times))  # type: ignore[arg-type]
     assert info.value.args[0] == 1040
-    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7]
+    assert near(times, began, [0.0, 0.1, 0.3, 0.7]), [t - began for t in times]
 
 
 @pytest.mark.usefixtures("longest_backoffs")
@@ -203,8 +215,63 @@ async def test_retry_until_extends_the_window_unless_retries_are_off() -> None:
     began = anyio.current_time()
     with retry_until(time.monotonic() + 1.0), pytest.raises(pymysql.err.OperationalError):
         await extended.connect(full_server(times))  # type: ignore[arg-type]
-    assert [round(t - began, 1) for t in times] == [0.0, 0.1, 0.3, 0.7, 1.0]
+    assert near(times, began, [0.0, 0.1, 0.3, 0.7, 1.0]), [t - began for t in times]
     hasty, times = admission(retry_for=0.0, max_connecting=None), []
     with retry_until(time.monotonic() + 1.0), pytest.raises(pymysql.err.OperationalError):
         await hasty.connect(full_server(times))  # type: ignore[arg-type]
     assert len(times) == 1
+
+
+async def test_while_the_server_refuses_one_attempt_at_a_time_probes_it() -> None:
+    """After a refusal, attempts go one at a time (at most one in flight) until one
+    succeeds; then they run ``max_connecting`` wide again."""
+    gate = admission(max_connecting=3, retry_for=10.0, backoff_max=0.2)
+    refusals = 4  # the server refuses this many attempts, then accepts
+    in_flight = peak_refusing = peak_after = 0
+
+    async def attempt() -> str:
+        nonlocal refusals, in_flight, peak_refusing, peak_after
+        in_flight += 1
+        try:
+            if refusals > 0:
+                peak_refusing = max(peak_refusing, in_flight)
+                await anyio.sleep(0.05)
+                refusals -= 1
+                raise pymysql.err.OperationalError(1040, "Too many connections")
+            peak_after = max(peak_after, in_flight)
+            await anyio.sleep(0.2)  # slow connects: the others overlap this one
+            return "connection"
+        finally:
+            in_flight -= 1
+
+    with anyio.fail_after(20):
+        # The first refusal comes while only one attempt is in flight; six callers wait.
+        with pytest.raises(pymysql.err.OperationalError), connect_deadline(time.monotonic()):
+            await gate.connect(attempt)  # no retry: just the refusal
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(gate.connect, attempt)
+    assert refusals == 0
+    assert peak_refusing == 1
+    assert peak_after == 3
+
+
+@pytest.mark.usefixtures("longest_backoffs")
+async def test_callers_that_were_refused_get_the_refusal_not_a_missed_turn() -> None:
+    """Callers taking turns for one slot against a server that refuses them all each end
+    with the server's own 1040, also one whose last turn never came before its deadline."""
+    gate, times = admission(retry_for=1.0, max_connecting=1), []
+    errors: list[int] = []
+
+    async def caller() -> None:
+        try:
+            await gate.connect(full_server(times))  # type: ignore[arg-type]
+        except pymysql.err.OperationalError as exc:
+            errors.append(exc.args[0])
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+    assert errors == [1040, 1040, 1040]
+    assert gate._counters.connect_attempts == len(times) >= 3

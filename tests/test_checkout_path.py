@@ -143,14 +143,14 @@ async def test_a_cancelled_ping_returns_the_record_to_the_pool(url: str) -> None
         await engine.dispose()
 
 
-async def test_only_a_connection_answered_within_fresh_skips_the_socket_check(url: str) -> None:
-    """A connection taken again within ``FRESH`` of the server's last answer is handed out
-    without asking its socket; one answered longer ago is asked (``poll(2)``) as before."""
+async def test_only_a_connection_answered_within_fresh_skips_the_kernel(url: str) -> None:
+    """A connection taken again within ``FRESH`` of the server's last answer is checked
+    without asking the kernel (no ``poll(2)``); one answered longer ago is asked too."""
     from asyncgone._checkout import FRESH
     from asyncgone._state import HOLDER_KEY
 
     engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
-    asked: list[float] = []
+    asked: list[bool] = []
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -158,20 +158,41 @@ async def test_only_a_connection_answered_within_fresh_skips_the_socket_check(ur
         holder = record.info[HOLDER_KEY]
         check = holder.closed
 
-        def closed(driver_connection: object) -> bool:
-            asked.append(holder.last_activity)
-            return check(driver_connection)
+        def closed(driver_connection: object, ask_kernel: bool) -> bool:
+            asked.append(ask_kernel)
+            return check(driver_connection, ask_kernel)
 
         holder.closed = closed
         # As if the server had just answered (later than now: no scheduling delay counts).
         holder.last_activity = time.monotonic() + 60
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-        assert asked == []
         await anyio.sleep(FRESH * 5)
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-        assert len(asked) == 1
-        assert asyncgone.stats(engine).checks == 2
+        assert asked == [False, True]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_fresh_connection_closed_on_the_client_is_still_replaced(url: str) -> None:
+    """Within ``FRESH`` the loop's and the driver's own state still count: a connection
+    whose socket was closed on the client side (as after a failed ROLLBACK on return) is
+    replaced, not handed out."""
+    from asyncgone._state import HOLDER_KEY, state_of
+
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            raw = await conn.get_raw_connection()
+            record, driver_connection = raw._connection_record, raw.driver_connection
+        state = state_of(engine)
+        assert state is not None
+        state.driver.abort(driver_connection)
+        record.info[HOLDER_KEY].last_activity = time.monotonic() + 60  # fresh
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 2"))).scalar() == 2
+        assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
     finally:
         await engine.dispose()
