@@ -224,23 +224,12 @@ class Admission:
         while True:
             if not await self._acquire(self._slots, until):
                 raise refusal or self._no_slot(self._slots)
-            # While the server refuses, one attempt at a time probes it (as HikariCP's one
-            # thread does); the first success lets the others go again, max_connecting wide.
-            probe = self._probe if self._refusing else None
+            probe: Slots | None = None  # the probe's slot, once this caller holds it
             try:
-                admitted = await self._acquire(probe, until)
-            except BaseException:
-                if self._slots is not None:
-                    self._slots.release()
-                raise
-            if not admitted:
-                if self._slots is not None:
-                    self._slots.release()
-                raise refusal or self._no_slot(probe)
-            if probe is not None and not self._refusing:  # a probe succeeded meanwhile
-                probe.release()
-                probe = None
-            try:
+                # While the server refuses, one attempt at a time probes it (as HikariCP's
+                # one thread does); the first success lets the others go, max_connecting wide.
+                if self._refusing and await self._take_probe(until, refusal):
+                    probe = self._probe
                 # The engine may have backed off while this caller waited for its slot.
                 pause = min(self._not_before, until) - time.monotonic()
                 if pause > 0:
@@ -374,6 +363,16 @@ class Admission:
         with anyio.move_on_after(max(0.0, until - time.monotonic())):
             await slots.acquire()
             return True
+        return False
+
+    async def _take_probe(self, until: float, refusal: Exception | None) -> bool:
+        """Wait for the probe's turn while the server refuses; False when a probe succeeded
+        meanwhile (the turn is passed on at once). Raises as ``_connect`` would at ``until``."""
+        if not await self._acquire(self._probe, until):
+            raise refusal or self._no_slot(self._probe)
+        if self._refusing:
+            return True
+        self._probe.release()
         return False
 
     def _no_slot(self, slots: Slots | None) -> Exception:

@@ -190,10 +190,9 @@ class EngineOptions:
     - ``overflow_give_back``: while the pool holds connections beyond ``pool_size``, ask the
       server (one ``SHOW GLOBAL STATUS`` every ``connect_backoff_max`` seconds at most, a
       quarter of that after its first question, after a restart and while the server is
-      full) whether it refused other clients while full, and
-      if so close returning overflow
-      connections, one per refusal, so that the pools of a fleet come before its overflow
-      (default ``True``; single-host engines only; see ``docs/fleets.md``).
+      full) whether it refused other clients while full, and if so close returning
+      overflow connections, one per refusal, so that the pools of a fleet come before its
+      overflow (default ``True``; single-host engines only; see ``docs/fleets.md``).
     - ``galera_spread``: for Galera nodes (and any multi-host URL), spread new connections
       round-robin over the hosts that fit instead of sending them all to one node at a time
       (the default, ``False``, which keeps certification conflicts between the

@@ -63,7 +63,6 @@ STATUS_SQL = (
 # was restarted meanwhile (the two clocks tick apart by a second at most).
 _RESTART_SLACK = 5.0
 
-
 # The share of the interval after which the next question comes when the last one only set
 # the baseline, or found the server full.
 _SOON = 0.25

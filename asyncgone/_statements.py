@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from ._drivers import abort_connection
@@ -32,47 +33,44 @@ async def _cursor(conn: Any) -> Any:
     return await _maybe_await(conn.cursor())  # aiomysql: cursor() returns an awaitable
 
 
-async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
-    """Run one query on the raw driver connection and return its first row."""
+async def _run(conn: Any, sql: str, read: Callable[[Any], Any]) -> Any:
+    """Run ``sql`` on a cursor of the raw driver connection; return what ``read(cursor)``
+    gives (awaited if it is awaitable); the cursor is closed either way."""
     cursor = await _cursor(conn)
     try:
         await cursor.execute(sql)
-        row = await _maybe_await(cursor.fetchone())
+        return await _maybe_await(read(cursor))
     finally:
         await _maybe_await(cursor.close())
+
+
+async def fetch_row(conn: Any, sql: str) -> tuple[Any, ...] | None:
+    """Run one query on the raw driver connection and return its first row."""
+    row = await _run(conn, sql, lambda cursor: cursor.fetchone())
     return None if row is None else tuple(row)
 
 
 async def fetch_rows(conn: Any, sql: str) -> list[tuple[Any, ...]]:
     """Run one query on the raw driver connection and return all its rows."""
-    cursor = await _cursor(conn)
-    try:
-        await cursor.execute(sql)
-        rows = await _maybe_await(cursor.fetchall())
-    finally:
-        await _maybe_await(cursor.close())
+    rows = await _run(conn, sql, lambda cursor: cursor.fetchall())
     return [tuple(row) for row in rows]
 
 
 async def fetch_dict(conn: Any, sql: str) -> dict[str, Any] | None:
     """Run one query on the raw driver connection; return its first row by column name."""
-    cursor = await _cursor(conn)
-    try:
-        await cursor.execute(sql)
+
+    async def named_row(cursor: Any) -> dict[str, Any] | None:
         row = await _maybe_await(cursor.fetchone())
         names = [column[0] for column in cursor.description or ()]
-    finally:
-        await _maybe_await(cursor.close())
-    return None if row is None else dict(zip(names, row, strict=False))
+        return None if row is None else dict(zip(names, row, strict=False))
+
+    result: dict[str, Any] | None = await _run(conn, sql, named_row)
+    return result
 
 
 async def execute(conn: Any, sql: str) -> None:
     """Run one statement that returns no rows on the raw driver connection."""
-    cursor = await _cursor(conn)
-    try:
-        await cursor.execute(sql)
-    finally:
-        await _maybe_await(cursor.close())
+    await _run(conn, sql, lambda cursor: None)
 
 
 async def close(conn: Any, timeout: float) -> None:
