@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
-from ._compat import CHECK_ATTRIBUTE, checking_pool_class
+from ._compat import CHECK_ATTRIBUTE, GIVE_BACK_ATTRIBUTE, checking_pool_class
 from ._drivers import thread_id
 from ._errors import describe, error_code, is_disconnect
 from ._giveback import STATUS_SQL, GiveBack
@@ -49,10 +49,13 @@ _NOT_ALLOWED = frozenset({1044, 1142, 1227})
 
 #: Seconds since the server last answered a connection within which a checkout does not
 #: ask the kernel (``poll(2)``) whether the server closed it since; what the loop read and
-#: what the driver knows still count. A close in that moment that the loop has not read is
-#: met by the first statement instead, as one just after the check would be. A connection
-#: checked out right after its return, as under load, costs no system call.
-FRESH = 0.001
+#: what the driver knows still count, so what is skipped is only a close whose FIN or error
+#: packet arrived while the loop was busy, after its last look at its sockets. HikariCP
+#: skips its whole validation in the same window (``aliveBypassWindowMs``, 500 ms). Never a
+#: ``wait_timeout`` close (at least 1 s idle); a close in that moment that the loop has not
+#: read is met by the first statement, as one just after the check would be. Connections
+#: taking turns in a busy pool, of any size, cost no system call.
+FRESH = 0.5
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
 DEAD = frozenset({Reason.CLOSED_BY_SERVER, Reason.PING_FAILED, Reason.PING_TIMEOUT})
@@ -134,8 +137,9 @@ class CheckoutCheck:
     ``EngineState`` once the engine exists (``install``).
     """
 
+    _state: EngineState  # from ``install``, before anything calls the check
+
     def __init__(self) -> None:
-        self._state: EngineState | None = None
         self._class: type[Pool] | None = None
 
     def pool_class(self, base: type[Pool]) -> type[Pool] | None:
@@ -152,6 +156,7 @@ class CheckoutCheck:
         if self._class is not None and isinstance(engine.pool, self._class):
             # The pool finds its check through its dialect, also after dispose().
             setattr(engine.dialect, CHECK_ATTRIBUTE, self.check_record)
+            setattr(engine.dialect, GIVE_BACK_ATTRIBUTE, None)  # returns find it unset
         else:
             event.listen(engine, "checkout", self.on_checkout)
 
@@ -163,17 +168,14 @@ class CheckoutCheck:
         While ``pool`` holds overflow, a usable connection may also carry the give-back's
         question to the server (``_giveback``).
         """
-        state = self._state
-        if state is None:
-            return  # the engine is being created: its first connection initialises it
-        counters = state.counters
-        counters.checkouts += 1
+        state = self._state  # set before the dialect holds this method (``install``)
+        state.counters.checkouts += 1
         holder: ConnectionHolder | None = record.info.get(HOLDER_KEY)
         if holder is None or holder.created >= began or record.dbapi_connection is None:
             # Opened for this very checkout; not set up by asyncgone (its connect failed
             # half-way); or closed already, and SQLAlchemy opens a new one next.
+            state.counters.unchecked += 1
             return
-        counters.checks += 1
         # The pool holds the driver's connection while it is in the pool: alive.
         conn = holder.conn() or record.dbapi_connection.driver_connection
         now = time.monotonic()
@@ -204,10 +206,9 @@ class CheckoutCheck:
         pinged)."""
         state = self._state
         holder: ConnectionHolder | None = record.info.get(HOLDER_KEY)
-        if state is None or holder is None:
+        if holder is None:
             return
         state.counters.checkouts += 1
-        state.counters.checks += 1
         conn = dbapi_connection.driver_connection
         reason = self._reason(state, record, holder, conn, time.monotonic())
         if reason is not None:

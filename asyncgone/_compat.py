@@ -211,8 +211,8 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     makes every attribute access on that pool slower (CPython 3.13 turns the instance's
     inline attribute values into a dictionary).
 
-    For a QueuePool, returns also ask the dialect's ``GIVE_BACK_ATTRIBUTE``, when it is set,
-    ``give_back(pool)``: true closes the returning connection for good, one connection
+    For a QueuePool, returns also ask the dialect's ``GIVE_BACK_ATTRIBUTE``, when it is not
+    None, ``give_back(pool)``: true closes the returning connection for good, one connection
     fewer in the pool (``_giveback``).
     """
     if base in _checking_classes:
@@ -226,13 +226,17 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     def _do_get(self: Pool) -> ConnectionPoolEntry:
         began = monotonic()
         record: ConnectionPoolEntry = do_get(self)
-        check = getattr(self._dialect, CHECK_ATTRIBUTE, None)
-        if check is not None:
-            try:
-                check(self, record, began)
-            except BaseException as error:
-                record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
-                raise
+        # CHECK_ATTRIBUTE read as a plain attribute, which CPython specialises: getattr()
+        # would look the name up on the dialect's class at every checkout.
+        try:
+            check = self._dialect._asyncgone_checkout_check  # type: ignore[union-attr]
+        except AttributeError:
+            return record  # not an asyncgone engine's dialect (yet): nothing to check
+        try:
+            check(self, record, began)
+        except BaseException as error:
+            record._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
+            raise
         return record
 
     namespace: dict[str, Any] = {
@@ -244,7 +248,10 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     if do_return is not None and hasattr(base, "_dec_overflow"):
 
         def _do_return_conn(self: Any, record: ConnectionPoolEntry) -> None:
-            give_back = getattr(self._dialect, GIVE_BACK_ATTRIBUTE, None)
+            try:  # GIVE_BACK_ATTRIBUTE, as a plain attribute (see _do_get)
+                give_back = self._dialect._asyncgone_give_back
+            except AttributeError:
+                give_back = None
             if give_back is None or not give_back(self):
                 do_return(self, record)
                 return

@@ -289,6 +289,9 @@ class CursorCount:
         self.count = 0
 
 
+_NO_KIND = object()  # ``cursor()`` called without a cursor class
+
+
 def _counting_cursor(conn: Any) -> CursorCount:
     """Replace ``conn.cursor`` on the instance with a function that counts its calls.
 
@@ -300,9 +303,13 @@ def _counting_cursor(conn: Any) -> CursorCount:
     ref = weakref.ref(conn)
     cursor = type(conn).cursor
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(kind: Any = _NO_KIND, /, *args: Any, **kwargs: Any) -> Any:
         counts.count += 1
-        return cursor(ref(), *args, **kwargs)
+        if args or kwargs or kind is _NO_KIND:
+            return cursor(ref(), *() if kind is _NO_KIND else (kind,), *args, **kwargs)
+        # SQLAlchemy's adapters pass one cursor class: a plain call, which CPython does
+        # without unpacking the arguments again.
+        return cursor(ref(), kind)
 
     counted.counts = counts  # type: ignore[attr-defined]
     conn.cursor = counted

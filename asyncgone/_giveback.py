@@ -169,4 +169,4 @@ class GiveBack:
         """Nothing (more) owed: returns stop asking."""
         self.owed = 0
         if getattr(self._dialect, GIVE_BACK_ATTRIBUTE, None) is not None:
-            delattr(self._dialect, GIVE_BACK_ATTRIBUTE)
+            setattr(self._dialect, GIVE_BACK_ATTRIBUTE, None)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import Dialect
 
-from ._compat import FAIRY_CHECKOUTS, FAIRY_RECORD, returning_to_pool
+from ._compat import returning_to_pool
 from ._errors import ConfigurationError, describe
 from ._state import HOLDER_KEY, ConnectionHolder, EngineState, holder_of_checkout
 from ._waits import absorb_cancellation, finish
@@ -116,34 +116,43 @@ def _deciding_rollback(
     counters = state.counters
 
     def do_rollback(dbapi_connection: Any) -> None:
-        # Inlined holder_of_checkout(): this runs at the end of every unit of work.
-        record = getattr(dbapi_connection, FAIRY_RECORD, None)
-        holder: ConnectionHolder | None = None if record is None else record.info.get(HOLDER_KEY)
-        conn = None if holder is None else holder.conn()
-        if holder is None or conn is None:
+        # Inlined holder_of_checkout(), this runs at the end of every unit of work: the
+        # pooled connection's FAIRY_RECORD and FAIRY_CHECKOUTS read as plain attributes,
+        # which CPython specialises (getattr() would look them up on the class each time).
+        try:
+            holder: ConnectionHolder | None = dbapi_connection._connection_record.info.get(
+                HOLDER_KEY
+            )
+            checkouts = dbapi_connection._counter
+        except AttributeError:  # not a pooled connection (the dialect's first connect)
+            holder = None
+        if holder is None:
             rollback(dbapi_connection)
             return
-        returning = getattr(dbapi_connection, FAIRY_CHECKOUTS, 1) == 0  # returning_to_pool
         cursors = holder.cursors
-        if (
-            skip
-            and cursors is not None
-            and cursors.count == holder.ended_at  # no cursor since: ask the driver too
-            and driver.transaction_ended(conn, cursors, holder.ended_at)
-        ):
-            if returning:
-                counters.resets_skipped += 1
-            usage = driver.last_usage(conn)
-            if usage is not None and usage > holder.last_activity:
-                holder.active(usage)
-            return
-        if not returning:  # a Connection's or Session's own rollback: SQLAlchemy's way
+        if skip and cursors is not None and cursors.count == holder.ended_at:
+            # No cursor since SQLAlchemy ended the transaction: ask the driver too.
+            conn = holder.conn()
+            if conn is not None and driver.transaction_ended(conn, cursors, holder.ended_at):
+                if checkouts == 0:  # returning_to_pool()
+                    counters.resets_skipped += 1
+                usage = driver.last_usage(conn)
+                if usage is not None and usage > holder.last_activity:
+                    holder.active(usage)
+                return
+        if checkouts:
+            # A Connection's or Session's own rollback: SQLAlchemy's way. _ended(holder),
+            # spelt out: this is the end of every connection read.
             rollback(dbapi_connection)
-            # _ended(holder), spelt out: this is the end of every connection read.
             holder.ended_at = None if cursors is None else cursors.count
             now = time.monotonic()
             holder.last_activity = now
-            holder.trusted_until = min(holder.expires, now + holder.quiet_for)
+            until = now + holder.quiet_for
+            holder.trusted_until = until if until < holder.expires else holder.expires
+            return
+        conn = holder.conn()
+        if conn is None:
+            rollback(dbapi_connection)
             return
         if holder.closed(conn, True):
             # Nothing reaches a dead connection; its next checkout replaces it, also within

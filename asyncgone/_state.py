@@ -127,7 +127,8 @@ class ConnectionHolder:
     def active(self, when: float) -> None:
         """Note that the server heard from the connection at ``when``."""
         self.last_activity = when
-        self.trusted_until = min(self.expires, when + self.quiet_for)
+        until = when + self.quiet_for
+        self.trusted_until = until if until < self.expires else self.expires  # min(), inlined
 
     def remember(self, record: ConnectionPoolEntry) -> None:
         """Attach to a pool record."""

@@ -17,7 +17,8 @@ units (bootstrap).
 
 ``--breakdown`` also measures asyncgone engines with one part switched off at a time (by
 replacing asyncgone internals for the measurement only; such an engine is not safe to use):
-what each part costs is the full difference minus that engine's.
+what each part costs is the full difference minus that engine's; and one with all four
+off, which leaves what no part accounts for.
 """
 
 from __future__ import annotations
@@ -66,27 +67,28 @@ PARTS: dict[str, tuple[str, str, Callable[..., Any]]] = {
 }
 
 
-def without(part: str | None, url: str) -> AsyncEngine:
-    """An asyncgone engine, with ``part`` (a key of ``PARTS``) switched off."""
-    if part is None:
-        return asyncgone.create_engine(url, pool_size=1)
-    module_name, path, replacement = PARTS[part]
-    owner: Any = importlib.import_module(f"asyncgone.{module_name}")
-    *outer, name = path.split(".")
-    for step in outer:
-        owner = getattr(owner, step)
-    saved = getattr(owner, name)
-    setattr(owner, name, replacement)
+def without(parts: tuple[str, ...], url: str) -> AsyncEngine:
+    """An asyncgone engine, with ``parts`` (keys of ``PARTS``) switched off."""
+    saved: list[tuple[Any, str, Any]] = []
+    for part in parts:
+        module_name, path, replacement = PARTS[part]
+        owner: Any = importlib.import_module(f"asyncgone.{module_name}")
+        *outer, name = path.split(".")
+        for step in outer:
+            owner = getattr(owner, step)
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
     try:
         return asyncgone.create_engine(url, pool_size=1)
     finally:
-        setattr(owner, name, saved)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
-async def measure(url: str, units: int, part: str | None = None) -> tuple[list[int], list[int]]:
+async def measure(url: str, units: int, parts: tuple[str, ...] = ()) -> tuple[list[int], list[int]]:
     """CPU nanoseconds per unit on each engine, units alternating between them."""
     plain = create_async_engine(url, pool_size=1)
-    ours = without(part, url)
+    ours = without(parts, url)
     try:
         for _ in range(500):  # warm: connections, statement caches, specialised bytecode
             await unit(plain)
@@ -119,9 +121,17 @@ async def main(args: argparse.Namespace) -> None:
             flush=True,
         )
         for part in PARTS if args.breakdown else ():
-            plain, ours = await measure(url.render_as_string(hide_password=False), args.units, part)
+            plain, ours = await measure(
+                url.render_as_string(hide_password=False), args.units, (part,)
+            )
             rest = statistics.median(ours) / 1000 - statistics.median(plain) / 1000
             print(f"  {part}: {full - rest:+.1f} µs (without it {rest:+.1f})", flush=True)
+        if args.breakdown:
+            plain, ours = await measure(
+                url.render_as_string(hide_password=False), args.units, tuple(PARTS)
+            )
+            rest = statistics.median(ours) / 1000 - statistics.median(plain) / 1000
+            print(f"  without all four: {rest:+.1f} µs", flush=True)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

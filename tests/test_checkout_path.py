@@ -13,6 +13,7 @@ import time
 import anyio
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
@@ -143,11 +144,16 @@ async def test_a_cancelled_ping_returns_the_record_to_the_pool(url: str) -> None
         await engine.dispose()
 
 
-async def test_only_a_connection_answered_within_fresh_skips_the_kernel(url: str) -> None:
+async def test_only_a_connection_answered_within_fresh_skips_the_kernel(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A connection taken again within ``FRESH`` of the server's last answer is checked
     without asking the kernel (no ``poll(2)``); one answered longer ago is asked too."""
-    from asyncgone._checkout import FRESH
+    from asyncgone import _checkout
     from asyncgone._state import HOLDER_KEY
+
+    assert _checkout.FRESH == 0.5  # HikariCP's aliveBypassWindowMs, as documented
+    monkeypatch.setattr(_checkout, "FRESH", 0.05)  # the same rule, in a shorter test
 
     engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
     asked: list[bool] = []
@@ -167,7 +173,7 @@ async def test_only_a_connection_answered_within_fresh_skips_the_kernel(url: str
         holder.last_activity = time.monotonic() + 60
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-        await anyio.sleep(FRESH * 5)
+        await anyio.sleep(_checkout.FRESH * 5)
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         assert asked == [False, True]
@@ -194,5 +200,57 @@ async def test_a_fresh_connection_closed_on_the_client_is_still_replaced(url: st
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT 2"))).scalar() == 2
         assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
+    finally:
+        await engine.dispose()
+
+
+def _kill_while_the_loop_is_blocked(shared: Server, thread: int) -> None:
+    """KILL ``thread`` and wait for its FIN without letting the event loop run, as a
+    synchronous call inside a request would."""
+    shared.kill(thread)
+    time.sleep(0.1)
+
+
+async def test_a_close_the_blocked_loop_missed_is_caught_past_fresh(
+    url: str, shared: Server
+) -> None:
+    """A connection answered longer than ``FRESH`` ago whose server closed it while the
+    loop could not read its socket is still replaced at checkout: the kernel is asked."""
+    from asyncgone._state import HOLDER_KEY
+
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            killed = int((await conn.execute(text("SELECT CONNECTION_ID()"))).scalar_one())
+            record = (await conn.get_raw_connection())._connection_record
+        record.info[HOLDER_KEY].last_activity -= 1.0  # answered a second ago
+        _kill_while_the_loop_is_blocked(shared, killed)
+        with count_errors(engine) as errors:
+            used = await connection_id(engine)
+        assert errors == []
+        assert used != killed
+        assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
+    finally:
+        await engine.dispose()
+
+
+async def test_within_fresh_a_close_the_blocked_loop_missed_meets_the_first_statement(
+    url: str, shared: Server
+) -> None:
+    """What ``FRESH`` leaves to chance, as documented: a connection answered moments ago,
+    closed by its server while the loop could not read its socket, is handed out; its
+    first statement fails as a disconnect, asyncgone replaces it, and the next unit of work
+    gets a new connection."""
+    engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        [killed] = await warm(engine, 1)
+        _kill_while_the_loop_is_blocked(shared, killed)
+        with pytest.raises(OperationalError) as raised:
+            await connection_id(engine)
+        assert raised.value.connection_invalidated
+        assert raised.value.orig is not None
+        assert raised.value.orig.args[0] in (2006, 2013)  # server gone away, lost connection
+        assert await connection_id(engine) not in (killed, 0)
+        assert asyncgone.stats(engine).replaced == {"error": 1}
     finally:
         await engine.dispose()

@@ -448,3 +448,33 @@ async def test_idle_time_counts_from_the_last_statement(url: str) -> None:
         assert asyncgone.stats(engine).replaced == {"idle_limit": 1}
     finally:
         await engine.dispose()
+
+
+async def test_the_drivers_cursor_answers_as_before_however_it_is_called(
+    engine: AsyncEngine, driver: str
+) -> None:
+    """The counting ``cursor()`` gives what the driver's own gives, with no argument, a
+    cursor class, or (asyncmy's form) a keyword, raises its errors, and counts each call."""
+    dict_cursor: Any = (
+        __import__("aiomysql").DictCursor
+        if driver == "aiomysql"
+        else __import__("asyncmy.cursors", fromlist=["DictCursor"]).DictCursor
+    )
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        counts = raw.cursor.counts
+        before = counts.count
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {}), ((dict_cursor,), {})]
+        if driver == "asyncmy":
+            calls.append(((), {"cursor": dict_cursor}))
+        for args, kwargs in calls:
+            cursor = raw.cursor(*args, **kwargs)
+            if inspect.isawaitable(cursor):
+                cursor = await cursor
+            await cursor.execute("SELECT 7 AS seven")
+            row = await cursor.fetchone()
+            assert row == ({"seven": 7} if args or kwargs else (7,))
+            await cursor.close()
+        with pytest.raises(TypeError):
+            raw.cursor(no_such_argument=1)
+        assert counts.count == before + len(calls) + 1
