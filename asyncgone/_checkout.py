@@ -49,12 +49,12 @@ _NOT_ALLOWED = frozenset({1044, 1142, 1227})
 
 #: Seconds since the server last answered a connection within which a checkout does not
 #: ask the kernel (``poll(2)``) whether the server closed it since; what the loop read and
-#: what the driver knows still count, so what is skipped is only a close whose FIN or error
-#: packet arrived while the loop was busy, after its last look at its sockets. HikariCP
-#: skips its whole validation in the same window (``aliveBypassWindowMs``, 500 ms). Never a
-#: ``wait_timeout`` close (at least 1 s idle); a close in that moment that the loop has not
-#: read is met by the first statement, as one just after the check would be. Connections
-#: taking turns in a busy pool, of any size, cost no system call.
+#: what the driver knows still count, so what is skipped is only a close whose bytes the
+#: loop has not dispatched yet: they came while it was blocked, not running, or busy with
+#: callbacks queued before its last look at the sockets. HikariCP skips its whole
+#: validation in the same window (``aliveBypassWindowMs``, 500 ms). Such a close is met by
+#: the first statement, as one just after the check would be. Connections that come back
+#: to a busy pool within it cost no system call.
 FRESH = 0.5
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
@@ -169,13 +169,15 @@ class CheckoutCheck:
         question to the server (``_giveback``).
         """
         state = self._state  # set before the dialect holds this method (``install``)
-        state.counters.checkouts += 1
+        counters = state.counters
+        counters.checkouts += 1
         holder: ConnectionHolder | None = record.info.get(HOLDER_KEY)
         if holder is None or holder.created >= began or record.dbapi_connection is None:
             # Opened for this very checkout; not set up by asyncgone (its connect failed
             # half-way); or closed already, and SQLAlchemy opens a new one next.
-            state.counters.unchecked += 1
             return
+        # Each counter only ever grows: exporters read them from other threads.
+        counters.checks += 1
         # The pool holds the driver's connection while it is in the pool: alive.
         conn = holder.conn() or record.dbapi_connection.driver_connection
         now = time.monotonic()
@@ -209,6 +211,7 @@ class CheckoutCheck:
         if holder is None:
             return
         state.counters.checkouts += 1
+        state.counters.checks += 1
         conn = dbapi_connection.driver_connection
         reason = self._reason(state, record, holder, conn, time.monotonic())
         if reason is not None:

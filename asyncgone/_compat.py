@@ -164,7 +164,7 @@ def reconnect(record: ConnectionPoolEntry) -> None:
 # -- SQLAlchemy: the pool's own checkout ---------------------------------------------------
 
 #: The attribute of SQLAlchemy's pooled connection (``_ConnectionFairy``) that holds its
-#: pool record (2.0 and 2.1); read with ``getattr(..., None)`` on the return path.
+#: pool record (2.0 and 2.1); read by name on the return path (``_reset.do_rollback``).
 FAIRY_RECORD = "_connection_record"
 #: Its checkout count (see ``returning_to_pool``), read inline on the return path.
 FAIRY_CHECKOUTS = "_counter"

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import Dialect
 
-from ._compat import returning_to_pool
+from ._compat import FAIRY_CHECKOUTS, FAIRY_RECORD, returning_to_pool
 from ._errors import ConfigurationError, describe
 from ._state import HOLDER_KEY, ConnectionHolder, EngineState, holder_of_checkout
 from ._waits import absorb_cancellation, finish
@@ -66,6 +66,10 @@ _MODES: dict[object, Mode] = {
 }
 
 _NOT_GIVEN = object()
+
+# ``do_rollback`` reads these two of SQLAlchemy's private attributes (``_compat``) by name,
+# as plain attributes, which CPython specialises; this keeps the names in step.
+assert (FAIRY_RECORD, FAIRY_CHECKOUTS) == ("_connection_record", "_counter")
 
 
 def reset_mode(value: object = _NOT_GIVEN) -> Mode:

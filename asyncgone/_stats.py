@@ -37,9 +37,7 @@ class Counters:
     connects_refused: int = 0
     overflow_given_back: int = 0
     checkouts: int = 0
-    # Checkouts of a connection opened for them, which need no check: ``checks`` is the
-    # rest (one increment fewer on the path every checkout takes).
-    unchecked: int = 0
+    checks: int = 0
     pings: int = 0
     ping_failures: int = 0
     pool_invalidations: int = 0
@@ -57,16 +55,10 @@ class Counters:
     replaced: Counter[Reason] = dataclasses.field(default_factory=Counter)
     errors: Counter[int] = dataclasses.field(default_factory=Counter)
 
-    @property
-    def checks(self) -> int:
-        """Checkouts of a reused connection (see ``Stats``)."""
-        return self.checkouts - self.unchecked
-
     def snapshot(self) -> Stats:
         counts = {name: getattr(self, name) for name in _COUNTS}
         return Stats(
             **counts,
-            checks=self.checks,
             replaced=MappingProxyType({reason.value: n for reason, n in self.replaced.items()}),
             errors=MappingProxyType(dict(self.errors)),
         )
@@ -142,9 +134,7 @@ class Stats:
 
 # The plain counts, shared by Counters and Stats (the two mappings are converted apart).
 _COUNTS = tuple(
-    field.name
-    for field in dataclasses.fields(Counters)
-    if field.name not in ("replaced", "errors", "unchecked")
+    field.name for field in dataclasses.fields(Counters) if field.name not in ("replaced", "errors")
 )
 
 

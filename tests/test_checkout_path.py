@@ -3,11 +3,14 @@
 asyncgone makes each engine's pool a subclass of its usual class that checks the record it
 takes (cheaper than a ``checkout`` listener); a pool built by the application (``pool=``)
 is checked through the ``checkout`` event instead. Either way a killed idle connection is
-never handed out, and a connection opened for a checkout is not checked again.
+not handed out once the event loop has read its close (or, for one answered more than
+``FRESH`` ago, the kernel has it), and a connection opened for a checkout is not checked
+again.
 """
 
 from __future__ import annotations
 
+import select
 import time
 
 import anyio
@@ -18,6 +21,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
 import asyncgone
+from asyncgone._compat import idle_records
+from asyncgone._drivers import transport_socket
+from asyncgone._state import HOLDER_KEY
 
 from ._support import Server, connection_id, count_errors, warm
 
@@ -204,11 +210,16 @@ async def test_a_fresh_connection_closed_on_the_client_is_still_replaced(url: st
         await engine.dispose()
 
 
-def _kill_while_the_loop_is_blocked(shared: Server, thread: int) -> None:
-    """KILL ``thread`` and wait for its FIN without letting the event loop run, as a
-    synchronous call inside a request would."""
+def _kill_while_the_loop_is_blocked(shared: Server, thread: int, engine: object) -> None:
+    """KILL ``thread`` (the engine's one idle connection) and wait until its FIN reaches
+    the socket, without letting the event loop run, as a synchronous call inside a request
+    would."""
+    [record] = idle_records(engine.sync_engine.pool)  # type: ignore[attr-defined]
+    sock = transport_socket(record.dbapi_connection.driver_connection)
     shared.kill(thread)
-    time.sleep(0.1)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    assert poller.poll(5000), "the server did not close the killed connection within 5 s"
 
 
 async def test_a_close_the_blocked_loop_missed_is_caught_past_fresh(
@@ -216,15 +227,13 @@ async def test_a_close_the_blocked_loop_missed_is_caught_past_fresh(
 ) -> None:
     """A connection answered longer than ``FRESH`` ago whose server closed it while the
     loop could not read its socket is still replaced at checkout: the kernel is asked."""
-    from asyncgone._state import HOLDER_KEY
-
     engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
     try:
         async with engine.connect() as conn:
             killed = int((await conn.execute(text("SELECT CONNECTION_ID()"))).scalar_one())
             record = (await conn.get_raw_connection())._connection_record
         record.info[HOLDER_KEY].last_activity -= 1.0  # answered a second ago
-        _kill_while_the_loop_is_blocked(shared, killed)
+        _kill_while_the_loop_is_blocked(shared, killed, engine)
         with count_errors(engine) as errors:
             used = await connection_id(engine)
         assert errors == []
@@ -244,7 +253,11 @@ async def test_within_fresh_a_close_the_blocked_loop_missed_meets_the_first_stat
     engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
     try:
         [killed] = await warm(engine, 1)
-        _kill_while_the_loop_is_blocked(shared, killed)
+        _kill_while_the_loop_is_blocked(shared, killed, engine)
+        # As if the server had just answered: a slow moment of the machine must not take
+        # the connection out of FRESH.
+        [record] = idle_records(engine.sync_engine.pool)  # type: ignore[attr-defined]
+        record.info[HOLDER_KEY].last_activity = time.monotonic()
         with pytest.raises(OperationalError) as raised:
             await connection_id(engine)
         assert raised.value.connection_invalidated

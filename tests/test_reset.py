@@ -465,15 +465,18 @@ async def test_the_drivers_cursor_answers_as_before_however_it_is_called(
         counts = raw.cursor.counts
         before = counts.count
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {}), ((dict_cursor,), {})]
-        if driver == "asyncmy":
-            calls.append(((), {"cursor": dict_cursor}))
+        if driver == "asyncmy":  # cursor(self, cursor=None)
+            calls += [((), {"cursor": dict_cursor}), ((None,), {})]
+        else:  # cursor(self, *cursors): a mixin list
+            calls.append(((dict_cursor, __import__("aiomysql").Cursor), {}))
         for args, kwargs in calls:
             cursor = raw.cursor(*args, **kwargs)
             if inspect.isawaitable(cursor):
                 cursor = await cursor
             await cursor.execute("SELECT 7 AS seven")
             row = await cursor.fetchone()
-            assert row == ({"seven": 7} if args or kwargs else (7,))
+            as_dict = kwargs or (args and args[0] is not None)
+            assert row == ({"seven": 7} if as_dict else (7,))
             await cursor.close()
         with pytest.raises(TypeError):
             raw.cursor(no_such_argument=1)
