@@ -51,11 +51,12 @@ _NOT_ALLOWED = frozenset({1044, 1142, 1227})
 #: ask the kernel (``poll(2)``) whether the server closed it since; what the loop read and
 #: what the driver knows still count, so what is skipped is only a close whose bytes the
 #: loop has not dispatched yet: they came while it was blocked, not running, or busy with
-#: callbacks queued before its last look at the sockets. HikariCP skips its whole
-#: validation in the same window (``aliveBypassWindowMs``, 500 ms). Such a close is met by
-#: the first statement, as one just after the check would be. Connections that come back
-#: to a busy pool within it cost no system call.
-FRESH = 0.5
+#: callbacks queued before its last look at the sockets. Such a close is met by the first
+#: statement, as one just after the check would be. A connection checked out right after
+#: its return, as under load, costs no system call. Not HikariCP's 500 ms
+#: (``aliveBypassWindowMs``): a blocking call shorter than that (a synchronous restart of a
+#: test server, a ``KILL``) would hand out the connection it killed.
+FRESH = 0.001
 
 # Reasons that mean the connection was dead, as opposed to retired while healthy.
 DEAD = frozenset({Reason.CLOSED_BY_SERVER, Reason.PING_FAILED, Reason.PING_TIMEOUT})
