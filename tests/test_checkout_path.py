@@ -249,19 +249,27 @@ async def test_within_fresh_a_close_the_blocked_loop_missed_meets_the_first_stat
     """What ``FRESH`` leaves to chance, as documented: a connection answered moments ago,
     closed by its server while the loop could not read its socket, is handed out; its
     first statement fails as a disconnect, asyncgone replaces it, and the next unit of work
-    gets a new connection."""
+    gets a new connection. (SQLAlchemy 2.0's oldest releases let the loop run once before
+    the checkout: the loop then reads the close, and the check replaces the connection.)"""
     engine = asyncgone.create_engine(url, pool_size=1, max_overflow=0)
     try:
         [killed] = await warm(engine, 1)
         _kill_while_the_loop_is_blocked(shared, killed, engine)
         # Inside the window however slow the machine: the rule, not the 1 ms, is tested.
         monkeypatch.setattr(_checkout, "FRESH", 60.0)
-        with pytest.raises(OperationalError) as raised:
-            await connection_id(engine)
-        assert raised.value.connection_invalidated
-        assert raised.value.orig is not None
-        assert raised.value.orig.args[0] in (2006, 2013)  # server gone away, lost connection
-        assert await connection_id(engine) not in (killed, 0)
-        assert asyncgone.stats(engine).replaced == {"error": 1}
+        met: OperationalError | None = None
+        try:
+            used = await connection_id(engine)
+        except OperationalError as error:
+            met = error
+            used = await connection_id(engine)
+        if met is not None:
+            assert met.connection_invalidated
+            assert met.orig is not None
+            assert met.orig.args[0] in (2006, 2013)  # server gone away, lost connection
+            assert asyncgone.stats(engine).replaced == {"error": 1}
+        else:  # the loop ran before the checkout and read the close
+            assert asyncgone.stats(engine).replaced == {"closed_by_server": 1}
+        assert used not in (killed, 0)
     finally:
         await engine.dispose()
