@@ -26,8 +26,10 @@ thread and backs off; asyncgone does the same per engine:
 - otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
   after it began (5 by default, or the pool's ``pool_timeout``; ``Database.start()``, which
   has nothing to fall back on, waits its whole ``connect_timeout`` instead when that is
-  longer, ``retry_until``), the deadline of its anyio cancel scope (``anyio.fail_after``,
-  ``Database.start()``, ``health()``), and the deadline ``Database.run()`` sets
+  longer, ``retry_until``), a little before the deadline of its anyio cancel scope
+  (``anyio.fail_after``, ``Database.start()``, ``health()``: half a second before, or a
+  fifth of the scope's time when less, so that it gets the server's refusal, not a bare
+  timeout), and the deadline ``Database.run()`` sets
   (``connect_deadline``). When the next try would come after it, one last try comes at the
   end of the retry window (not at a deadline, which would cut it short); then the caller
   gets the server's last refusal, as it would have without asyncgone.
@@ -88,6 +90,12 @@ _LAST_TRY = 0.05
 # A cancel scope's or run()'s deadline less than this after the retry window's end leaves
 # no room for a last try there, in seconds.
 _LAST_TRY_ROOM = 1.0
+# Retries end this long before a caller's cancel scope expires (or this share of the time
+# the scope leaves, when less), in seconds: the server's refusal, which says why the
+# connect failed, must reach the caller before the scope turns it into a bare timeout (a
+# refused attempt and the backoff's sleep each take longer than planned on a busy machine).
+_SCOPE_ROOM = 0.5
+_SCOPE_SHARE = 0.2
 
 # SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
 _POOL_TIMEOUT = 30.0
@@ -196,7 +204,8 @@ class Admission:
 
     def _deadline(self, now: float) -> tuple[float, bool]:
         """The latest moment this caller's connect may try: the retry window (or a later
-        end set with ``retry_until``), the caller's cancel scope, a deadline set with
+        end set with ``retry_until``), the caller's cancel scope (less ``_SCOPE_ROOM``: the
+        last refusal must be raised before the scope expires), a deadline set with
         ``connect_deadline``; and whether a last try fits at that moment (not when one of
         the last two comes within ``_LAST_TRY_ROOM`` of it: it would cut that try short)."""
         window = now + self.retry_for
@@ -205,7 +214,8 @@ class Admission:
         hard = _DEADLINE.get()
         scope = anyio.current_effective_deadline()
         if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
-            hard = min(hard, now + (scope - anyio.current_time()))
+            left = scope - anyio.current_time()
+            hard = min(hard, now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left)))
         return min(window, hard), hard > window + _LAST_TRY_ROOM
 
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:

@@ -208,6 +208,25 @@ async def test_no_last_try_at_a_deadline_that_would_cut_it_short() -> None:
 
 
 @pytest.mark.usefixtures("longest_backoffs")
+async def test_a_slow_refusal_reaches_the_caller_before_its_scope_expires() -> None:
+    """Refusals that take 0.25 s each (a busy machine) under a 1.6 s cancel scope: retries
+    stop short of the scope (0.32 s, a fifth of it), so the caller gets the server's 1040
+    after the try at 0.8 s, not a timeout from a try at 1.45 s that the scope cuts short."""
+    gate, times = admission(retry_for=5.0, max_connecting=None), []
+    refuse = full_server(times)
+
+    async def slow_refusal() -> str:
+        await anyio.sleep(0.25)
+        return await refuse()  # type: ignore[operator, no-any-return]
+
+    began = anyio.current_time()
+    with pytest.raises(pymysql.err.OperationalError) as info, anyio.fail_after(1.6):
+        await gate.connect(slow_refusal)
+    assert info.value.args[0] == 1040
+    assert near(times, began, [0.25, 0.6, 1.05]), [t - began for t in times]
+
+
+@pytest.mark.usefixtures("longest_backoffs")
 async def test_retry_until_extends_the_window_unless_retries_are_off() -> None:
     """``retry_until`` (``Database.start()``) retries past ``connect_retry``; with retries
     off (``connect_retry=None``: 0 s) the first refusal is still raised at once."""
