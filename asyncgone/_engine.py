@@ -147,10 +147,11 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
 def first_connect_bound(engine: AsyncEngine, options: EngineOptions) -> float:
     """Seconds a first connection and one statement on it may take: the host search's own
     deadline when the engine has one (it may try several hosts, each bounded by
-    ``connect_timeout``), else ``connect_timeout``; plus ``ping_timeout``."""
+    ``connect_timeout``), else ``connect_timeout`` (the one the driver got: from
+    ``connect_args`` or the URL when given there); plus ``ping_timeout``."""
     state = state_of(engine)
     search = None if state is None else state.search
-    connect = options.connect_timeout
+    connect = options.connect_timeout if state is None else state.connect_timeout
     if search is not None:
         connect = max(connect, search.deadline)
     return connect + options.ping_timeout

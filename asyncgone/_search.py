@@ -282,7 +282,7 @@ class HostConnections:
         if conn is None:
             params = {**self._search.params, "host": host.host, "port": host.port}
             state = self._state
-            conn = await open_connection(state.driver, params, state.options.connect_timeout)
+            conn = await open_connection(state.driver, params, state.connect_timeout)
             self._conns[host] = conn  # closed by drop() or close() from here on
         return conn
 

@@ -15,7 +15,13 @@ from sqlalchemy.pool import NullPool
 
 import asyncgone
 from asyncgone import ConfigurationWarning
-from asyncgone._state import _LIFETIME_JITTER, lifetime_deadline
+from asyncgone._config import split_options
+from asyncgone._engine import first_connect_bound
+from asyncgone._errors import error_code
+from asyncgone._search import HostConnections
+from asyncgone._state import _LIFETIME_JITTER, lifetime_deadline, state_of
+from asyncgone.testing import FaultProxy
+from asyncgone.testing._mariadb import free_port
 
 from ._support import Server, connection_id, warm
 
@@ -199,6 +205,47 @@ async def test_connect_timeout_from_the_url_is_kept(url: str) -> None:
             assert timeout == 17
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["url", "connect_args"])
+async def test_a_given_connect_timeout_also_bounds_database_start(url: str, where: str) -> None:
+    """``Database.start()`` waits for the connect_timeout the driver got (from the URL or
+    ``connect_args``), not asyncgone's default, plus ``ping_timeout``."""
+    if where == "url":
+        engine = asyncgone.create_engine(url + "?connect_timeout=17", ping_timeout=2)
+    else:
+        engine = asyncgone.create_engine(url, ping_timeout=2, connect_args={"connect_timeout": 17})
+    try:
+        options, _ = split_options({"ping_timeout": 2})
+        assert first_connect_bound(engine, options) == 17 + 2
+    finally:
+        await engine.dispose()
+
+
+async def test_a_given_connect_timeout_bounds_the_background_host_connections(
+    url: str, driver: str
+) -> None:
+    """The connections a host search keeps outside the pool (the replica monitor's, the
+    Galera watch's) are bounded by the URL's connect_timeout too, not asyncgone's default:
+    a host that accepts and never greets fails them after 1 s."""
+    with FaultProxy.for_url(url) as proxy:
+        proxy.blackhole(include_new=True)
+        hosts = f"host=127.0.0.1:{proxy.port}&host=127.0.0.1:{free_port()}"
+        engine = asyncgone.create_engine(f"mysql+{driver}://root@/test?{hosts}&connect_timeout=1")
+        state = state_of(engine.sync_engine)
+        assert state is not None
+        assert state.search is not None
+        connections = HostConnections(state, state.search)
+        try:
+            with (
+                anyio.fail_after(10),
+                pytest.raises(Exception, match="greeting within 1 s") as info,
+            ):
+                await connections.get(state.search.hosts[0])
+            assert error_code(info.value) == 2003
+        finally:
+            await connections.close()
+            await engine.dispose()
 
 
 async def test_transactions_and_results_behave_as_usual(url: str) -> None:
