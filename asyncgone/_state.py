@@ -28,6 +28,7 @@ from ._compat import FAIRY_RECORD
 from ._config import EngineOptions
 from ._errors import ConfigurationError
 from ._stats import Counters, Stats
+from ._watch import Closed, unknown
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from ._drivers import CursorCount, DriverSupport
     from ._giveback import GiveBack
     from ._search import HostSearch
-    from ._watch import Closed
 
 __all__ = [
     "HOLDER_KEY",
@@ -118,7 +118,7 @@ class ConnectionHolder:
         self.ended_at: int | None = None
         self.cursors: CursorCount | None = None
         # Whether the connection can no longer be used (no round trip; see _drivers).
-        self.closed: Closed = _unknown
+        self.closed: Closed = unknown
         # The driver's connection, weakly (it must not outlive its close in here): reached
         # at every unit of work, more cheaply than through SQLAlchemy's objects.
         self.conn: Callable[[], Any] = _gone
@@ -133,10 +133,6 @@ class ConnectionHolder:
     def remember(self, record: ConnectionPoolEntry) -> None:
         """Attach to a pool record."""
         record.info[HOLDER_KEY] = self
-
-
-def _unknown(conn: Any, ask_kernel: bool) -> bool:
-    return False
 
 
 def _gone() -> None:

@@ -17,7 +17,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WATCHES", "Closed", "Poll", "poll_once", "watch_unknown"]
+__all__ = ["WATCHES", "Closed", "Poll", "poll_once", "unknown", "watch_unknown"]
 
 #: A registered ``poll(2)`` call: timeout in milliseconds, the events seen.
 Poll = Callable[[int], list[tuple[int, int]]]
@@ -93,10 +93,12 @@ def _watch_streams(poll: Poll | None, transport: Any) -> Closed:
 
 
 def watch_unknown(poll: Poll | None, transport: Any) -> Closed:
-    return _unknown
+    return unknown
 
 
-def _unknown(conn: Any, ask_kernel: bool) -> bool:
+def unknown(conn: Any, ask_kernel: bool) -> bool:
+    """The watch of a connection whose socket asyncgone cannot see (also before a watch
+    is set up): never known to be closed."""
     return False  # nothing can be told without a round trip: the checkout pings instead
 
 
