@@ -9,7 +9,9 @@
     asyncgone.prometheus.register(engine, name="reports", registry=my_registry)
 
 Needs ``pip install 'asyncgone[prometheus]'``. Every sample carries an ``engine`` label
-(``name=``, by default the database URL's host and database). Counters follow Prometheus'
+(``name=``, by default the database URL's host and database): several engines export through
+one registry, each under its own label, in one metric family per name (the exposition
+format allows a name once). Counters follow Prometheus'
 conventions (``_total``; times in seconds); the pool's figures are gauges, read when scraped;
 the timings are histograms (``_bucket``, ``_sum``, ``_count``), measured from registration
 on (for a ``Database`` registered before ``start()``, from the first scrape after it):
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -107,18 +110,24 @@ class AsyncGoneCollector(Collector):
         self._metrics: PoolMetrics | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._exporter: _Exporter | None = None  # set by register()
         engine = self._engine()
         if engine is not None:
             # Timings exist only from now on: start them at registration, not first scrape.
             self._metrics = instrument(engine)
 
     def close(self) -> None:
-        """Take off the engine's timing hooks this collector asked for (the last exporter
-        using them removes them); call it after ``registry.unregister(collector)``. The
-        collector then reports no timings; calling it again does nothing."""
+        """Stop exporting: a collector from ``register()`` leaves its registry, and the
+        engine's timing hooks this collector asked for come off (the last exporter using
+        them removes them). A collector registered by hand is unregistered first
+        (``registry.unregister(collector)``); it then reports no timings. Calling it again
+        does nothing."""
         with self._lock:
             metrics, self._metrics = self._metrics, None
+            exporter, self._exporter = self._exporter, None
             self._closed = True
+        if exporter is not None:
+            exporter.remove(self)
         if metrics is not None:
             metrics.release()
 
@@ -210,6 +219,50 @@ class AsyncGoneCollector(Collector):
             yield histogram
 
 
+class _Exporter:
+    """The collector ``register()`` puts in a registry once: it reports every engine
+    registered there, merging their samples into one family per metric name."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.collectors: list[AsyncGoneCollector] = []
+        self.registered = False
+
+    def add(self, collector: AsyncGoneCollector) -> None:
+        """Report ``collector`` too; ``ValueError`` if its ``engine`` label is taken."""
+        if any(c.name == collector.name for c in self.collectors):
+            raise ValueError(
+                f"an engine named {collector.name!r} is already exported through this "
+                f"registry; give each engine its own name= label"
+            )
+        self.collectors = [*self.collectors, collector]  # a new list: scrapes copy nothing
+
+    def remove(self, collector: AsyncGoneCollector) -> None:
+        """Stop reporting ``collector``; leave the registry after the last one."""
+        with _EXPORTERS_LOCK:  # under it: a register() meanwhile makes a new exporter
+            self.collectors = [c for c in self.collectors if c is not collector]
+            if self.collectors or not self.registered:
+                return
+            self.registered = False
+            if _EXPORTERS.get(self.registry) is self:
+                del _EXPORTERS[self.registry]
+            self.registry.unregister(self)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                merged = families.setdefault(family.name, family)
+                if merged is not family:
+                    merged.samples.extend(family.samples)
+        yield from families.values()
+
+
+# One exporter per registry (weakly: a registry dropped by its owner goes with it).
+_EXPORTERS: weakref.WeakKeyDictionary[CollectorRegistry, _Exporter] = weakref.WeakKeyDictionary()
+_EXPORTERS_LOCK = threading.Lock()
+
+
 def register(
     target: AsyncEngine | Database,
     *,
@@ -217,7 +270,8 @@ def register(
     registry: CollectorRegistry = REGISTRY,
 ) -> AsyncGoneCollector:
     """Export ``target``'s metrics through ``registry``; return the collector (to stop:
-    ``registry.unregister(collector)``, then ``collector.close()``).
+    ``collector.close()``). Several engines may be registered in one registry, each with
+    its own ``name``.
 
     Args:
         target (AsyncEngine | Database): an engine made by ``asyncgone.create_engine()``, or
@@ -226,17 +280,31 @@ def register(
         registry (CollectorRegistry): where to register; default the global ``REGISTRY``.
 
     Returns:
-        AsyncGoneCollector: the registered collector.
+        AsyncGoneCollector: the collector, reported through the registry.
 
     Raises:
         ConfigurationError: ``target`` is an engine not made by
             ``asyncgone.create_engine()``.
-        ValueError: ``registry`` checks for duplicates (the global ``REGISTRY`` does) and
-            already reports these metric names, for another started engine.
+        ValueError: another engine is exported through ``registry`` with the same ``name``
+            (two engines on one host and database need names of their own), or
+            ``registry`` checks for duplicates (the global ``REGISTRY`` does) and something
+            else already reports these metric names.
     """
     collector = AsyncGoneCollector(target, name=name)
     try:
-        registry.register(collector)
+        with _EXPORTERS_LOCK:
+            exporter = _EXPORTERS.get(registry)
+            if exporter is None:
+                exporter = _Exporter(registry)
+                exporter.add(collector)
+                # Registered with its first engine, so that a registry checking duplicates
+                # compares the names it reports with those it has.
+                registry.register(exporter)
+                exporter.registered = True
+                _EXPORTERS[registry] = exporter
+            else:
+                exporter.add(collector)
+            collector._exporter = exporter
     except BaseException:
         collector.close()
         raise

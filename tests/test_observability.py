@@ -9,6 +9,7 @@ import anyio
 import anyio.to_thread
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -204,20 +205,48 @@ async def test_prometheus_database_registered_before_start(url: str) -> None:
     assert (use, checkouts) == (1, 2)  # the probe in start() came before the timings
 
 
-async def test_prometheus_close_takes_the_timing_hooks_off(url: str) -> None:
-    """close() after unregistering removes the engine's timing hooks, and so does a
-    registration the registry refused."""
-    registry = CollectorRegistry(auto_describe=True)  # checks duplicates, as REGISTRY does
+async def test_prometheus_exports_several_engines_through_one_registry(url: str) -> None:
+    """Two engines registered in one registry (one that checks duplicates, as REGISTRY
+    does) are both reported, each under its own label, in one family per metric name; a
+    third engine with a label already taken is refused, its timing hooks taken off."""
+    registry = CollectorRegistry(auto_describe=True)
+    first = asyncgone.create_engine(url)
+    second = asyncgone.create_engine(url, pool_size=2)
+    third = asyncgone.create_engine(url)
+    try:
+        asyncgone.prometheus.register(first, name="first", registry=registry)
+        asyncgone.prometheus.register(second, name="second", registry=registry)
+        with pytest.raises(ValueError, match="'second' is already exported"):
+            asyncgone.prometheus.register(third, name="second", registry=registry)
+        assert state_of(third).metrics is None  # type: ignore[union-attr]
+        await connection_id(first)
+        for _ in range(2):
+            await connection_id(second)
+        exposition = generate_latest(registry).decode()
+    finally:
+        for engine in (first, second, third):
+            await engine.dispose()
+    assert exposition.count("# TYPE asyncgone_checkouts_total counter") == 1
+    assert exposition.count("# TYPE asyncgone_connection_use_seconds histogram") == 1
+    families = {f.name: f for f in text_string_to_metric_families(exposition)}
+    checkouts = {s.labels["engine"]: s.value for s in families["asyncgone_checkouts"].samples}
+    assert checkouts == {"first": 1, "second": 2}
+    sizes = {s.labels["engine"]: s.value for s in families["asyncgone_pool_size"].samples}
+    assert sizes == {"first": 5, "second": 2}
+
+
+async def test_prometheus_close_takes_the_engine_out_and_its_timing_hooks_off(url: str) -> None:
+    """close() takes the engine out of its registry and removes its timing hooks; the
+    other engine stays reported, and after the last one the registry reports nothing of
+    asyncgone's and takes a new registration."""
+    registry = CollectorRegistry(auto_describe=True)
     first = asyncgone.create_engine(url)
     second = asyncgone.create_engine(url)
     try:
         collector = asyncgone.prometheus.register(first, name="first", registry=registry)
-        with pytest.raises(ValueError, match="Duplicated timeseries"):
-            asyncgone.prometheus.register(second, name="second", registry=registry)
-        assert state_of(second).metrics is None  # type: ignore[union-attr]
+        other = asyncgone.prometheus.register(second, name="second", registry=registry)
         await connection_id(first)
         assert state_of(first).metrics is not None  # type: ignore[union-attr]
-        registry.unregister(collector)
         collector.close()
         collector.close()  # a second call does nothing
         assert state_of(first).metrics is None  # type: ignore[union-attr]
@@ -225,6 +254,34 @@ async def test_prometheus_close_takes_the_timing_hooks_off(url: str) -> None:
         names = {family.name for family in collector.collect()}
         assert "asyncgone_checkouts" in names
         assert "asyncgone_connection_wait_seconds" not in names
+        exposition = generate_latest(registry).decode()
+        assert 'engine="second"' in exposition
+        assert 'engine="first"' not in exposition
+        other.close()
+        assert "asyncgone_" not in generate_latest(registry).decode()
+        again = asyncgone.prometheus.register(first, name="first", registry=registry)
+        assert 'asyncgone_checkouts_total{engine="first"}' in generate_latest(registry).decode()
+        again.close()
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def test_prometheus_registration_refused_by_the_registry_takes_nothing(url: str) -> None:
+    """A registry that already has these metric names (from a collector registered by
+    hand) refuses register(): ValueError, and no timing hooks are left on the engine."""
+    registry = CollectorRegistry(auto_describe=True)
+    first = asyncgone.create_engine(url)
+    second = asyncgone.create_engine(url)
+    try:
+        by_hand = asyncgone.prometheus.AsyncGoneCollector(first, name="first")
+        registry.register(by_hand)
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            asyncgone.prometheus.register(second, name="second", registry=registry)
+        assert state_of(second).metrics is None  # type: ignore[union-attr]
+        registry.unregister(by_hand)
+        by_hand.close()
+        assert state_of(first).metrics is None  # type: ignore[union-attr]
     finally:
         await first.dispose()
         await second.dispose()
