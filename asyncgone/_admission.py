@@ -8,7 +8,9 @@ repeated at once makes the storm worse. HikariCP opens connections one at a time
 thread and backs off; asyncgone does the same per engine:
 
 - at most ``max_connecting`` connection attempts are in flight at once (the others wait for
-  a slot, in order);
+  a slot, in order, as long as a checkout may wait for a connection: ``pool_timeout``, or
+  the retry window when longer; a wait for a turn is no retry, and a burst of connects
+  slower than ``connect_retry`` must not fail for it);
 - a refused attempt is tried again after a jittered exponential backoff, which every attempt
   of the engine observes (the engine backs off, not one caller), up to ``connect_backoff_max``
   seconds; refusals more than ``2 * connect_backoff_max`` apart start from the smallest
@@ -23,16 +25,18 @@ thread and backs off; asyncgone does the same per engine:
 - ``Database.run()`` tries again by itself, through the pool: for it a refusal for want of
   capacity, while the engine holds other connections, is raised at once, and its next try
   waits for one of them to come back (the overflow being held) instead of asking again;
-- otherwise the caller waits, instead of failing, until the earliest of: ``connect_retry`` seconds
-  after it began (5 by default, or the pool's ``pool_timeout``; ``Database.start()``, which
-  has nothing to fall back on, waits its whole ``connect_timeout`` instead when that is
-  longer, ``retry_until``), a little before the deadline of its anyio cancel scope
-  (``anyio.fail_after``, ``Database.start()``, ``health()``: half a second before, or a
-  fifth of the scope's time when less, so that it gets the server's refusal, not a bare
-  timeout), and the deadline ``Database.run()`` sets
-  (``connect_deadline``). When the next try would come after it, one last try comes at the
-  end of the retry window (not at a deadline, which would cut it short); then the caller
-  gets the server's last refusal, as it would have without asyncgone.
+- otherwise a refused caller waits, instead of failing, until the earliest of:
+  ``connect_retry`` seconds after it began (5 by default, or the pool's ``pool_timeout``;
+  ``Database.start()``, which has nothing to fall back on, waits its whole
+  ``connect_timeout`` instead when that is longer, ``retry_until``), a little before the
+  deadline of its anyio cancel scope (``anyio.fail_after``, ``Database.start()``,
+  ``health()``: half a second before, or a fifth of the time the scope has left when the
+  connect begins when that is less, so that it gets the server's refusal, not a bare
+  timeout), and the deadline ``Database.run()`` sets (``connect_deadline``). When the
+  next try would come after it, one last try comes at the end of the retry window (not
+  when a deadline comes less than ``_LAST_TRY_ROOM`` after it: that would cut the try
+  short); then the caller gets the server's last refusal, as it would have without
+  asyncgone.
 
 Errors that retrying cannot cure (access denied, unknown database, TLS failures) are raised
 at once, and so is a refused socket connect before the engine ever reached its server (a
@@ -52,7 +56,7 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import anyio
 from sqlalchemy.engine import Engine
@@ -134,10 +138,30 @@ def connect_deadline(when: float) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
+class _Ends(NamedTuple):
+    """When one caller's waits end, as ``time.monotonic()`` values."""
+
+    #: Waiting for a slot while nothing was refused: ``turn_wait`` seconds or the retry
+    #: window, whichever ends later, within the caller's deadlines.
+    turn: float
+    #: Waiting behind the engine's refusals (the probe, the backoff): the retry window.
+    window: float
+    #: Waiting after a refusal of the caller's own: the retry window, ending earlier than
+    #: a cancel scope's deadline by ``_SCOPE_ROOM`` (or ``_SCOPE_SHARE`` of the time the
+    #: scope has left, when less): the refusal must reach the caller before the scope
+    #: cancels it.
+    retries: float
+    #: Whether a last try fits at the window's end: not when a deadline comes within
+    #: ``_LAST_TRY_ROOM`` of it (it would cut that try short).
+    last_try: bool
+
+
 class Admission:
     """The connect admission of one engine; see the module docstring.
 
     ``max_connecting`` None means no cap; ``retry_for`` is seconds (0: no retry);
+    ``turn_wait`` is the seconds a caller may wait for a slot while the server takes
+    connections (the pool's ``pool_timeout``);
     ``backoff_max`` caps one backoff delay, in seconds; ``error`` is the driver's
     ``OperationalError`` class, for a caller that never got a slot in time.
     """
@@ -151,9 +175,11 @@ class Admission:
         counters: Counters,
         error: type[Exception],
         retry_refused_sockets: bool = True,
+        turn_wait: float = _POOL_TIMEOUT,
     ) -> None:
         self.max_connecting = max_connecting
         self.retry_for = retry_for
+        self.turn_wait = turn_wait
         self.backoff_max = backoff_max
         self._counters = counters
         self._error = error
@@ -202,21 +228,25 @@ class Admission:
         ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
         return random.uniform(ceiling / 2, ceiling)
 
-    def _deadline(self, now: float) -> tuple[float, bool]:
-        """The latest moment this caller's connect may try: the retry window (or a later
-        end set with ``retry_until``), the caller's cancel scope (less ``_SCOPE_ROOM``: the
-        last refusal must be raised before the scope expires), a deadline set with
-        ``connect_deadline``; and whether a last try fits at that moment (not when one of
-        the last two comes within ``_LAST_TRY_ROOM`` of it: it would cut that try short)."""
+    def _deadline(self, now: float) -> _Ends:
+        """When this caller's waits end (see ``_Ends``), from the retry window (or a later
+        end set with ``retry_until``), the caller's cancel scope, a deadline set with
+        ``connect_deadline`` and ``turn_wait``."""
         window = now + self.retry_for
         if self.retry_for > 0:
             window = max(window, _RETRY_UNTIL.get())
-        hard = _DEADLINE.get()
+        hard = retries = _DEADLINE.get()
         scope = anyio.current_effective_deadline()
         if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
             left = scope - anyio.current_time()
-            hard = min(hard, now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left)))
-        return min(window, hard), hard > window + _LAST_TRY_ROOM
+            hard = min(hard, now + left)
+            retries = min(retries, now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left)))
+        return _Ends(
+            turn=min(max(window, now + self.turn_wait), hard),
+            window=min(window, hard),
+            retries=min(window, retries),
+            last_try=hard > window + _LAST_TRY_ROOM,
+        )
 
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
@@ -229,11 +259,16 @@ class Admission:
 
     async def _connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         counters = self._counters
-        until, last_try = self._deadline(time.monotonic())
+        ends = self._deadline(time.monotonic())
         refusal: Exception | None = None  # the server's last refusal of this caller
         while True:
-            if not await self._acquire(self._slots, until):
+            # A turn is waited for as a checkout waits for a connection; once refused, the
+            # caller waits no later than the end of retries (its refusal must reach it
+            # before its cancel scope expires), and behind the engine's refusals no later
+            # than the end of the retry window.
+            if not await self._acquire(self._slots, ends.turn if refusal is None else ends.retries):
                 raise refusal or self._no_slot(self._slots)
+            until = ends.window if refusal is None else ends.retries
             probe: Slots | None = None  # the probe's slot, once this caller holds it
             try:
                 # While the server refuses, one attempt at a time probes it (as HikariCP's
@@ -271,7 +306,9 @@ class Admission:
                     now = time.monotonic()
                     # The backoff is cut short to make a last try at the window's end; an
                     # attempt at a deadline's moment would be cut short itself.
-                    if now + delay >= until and (not last_try or now >= until - _LAST_TRY):
+                    if now + delay >= ends.retries and (
+                        not ends.last_try or now >= ends.retries - _LAST_TRY
+                    ):
                         raise
                     continue  # the slot is released first, then the backoff is awaited
                 finally:
@@ -413,15 +450,14 @@ def admission_for(
     ``host_search`` a refused socket connect is not retried: the search tries the next
     host."""
     retry = options.connect_retry
-    if retry == "pool_timeout":
-        retry_for = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
-    else:
-        retry_for = 0.0 if retry is None else float(retry)
+    turn_wait = _POOL_TIMEOUT if pool_timeout is None else float(pool_timeout)
+    retry_for = turn_wait if retry == "pool_timeout" else 0.0 if retry is None else float(retry)
     if not driver.known:
         return None
     return Admission(
         max_connecting=options.max_connecting,
         retry_for=retry_for,
+        turn_wait=turn_wait,
         backoff_max=options.connect_backoff_max,
         counters=counters,
         error=connect_error(driver.name),

@@ -179,7 +179,7 @@ class EngineOptions:
       multi-host URL or a ``target_role``; ``None`` (the default) gives every host one full
       attempt (``connect_timeout`` plus ``ping_timeout`` each).
     - ``max_connecting``: connection attempts in flight at once per engine (default 2), or
-      ``None`` for no cap.
+      ``None`` for no cap; the others wait their turn, up to ``pool_timeout`` seconds.
     - ``connect_retry``: seconds a connect keeps retrying, with a backoff, after the server
       refused it (1040, 1203, 1129) or nothing listened (2002/2003, a refused socket
       connect, retried only once the engine has reached its server: before, it is more

@@ -135,9 +135,9 @@ async def test_a_slot_handed_to_a_waiter_being_cancelled_is_passed_on() -> None:
 
 
 async def test_a_caller_that_gets_no_slot_in_time_gets_the_drivers_2003() -> None:
-    """With the only slot taken by a slow attempt past the retry window, the next caller
+    """With the only slot taken by a slow attempt past ``turn_wait``, the next caller
     gives up with error 2003 naming max_connecting, without an attempt of its own."""
-    gate = admission(retry_for=0.2)
+    gate = admission(retry_for=0.1, turn_wait=0.2)
 
     async def slow() -> str:
         await anyio.sleep(1.0)
@@ -154,6 +154,50 @@ async def test_a_caller_that_gets_no_slot_in_time_gets_the_drivers_2003() -> Non
                 await gate.connect(quick)
     assert info.value.args[0] == 2003
     assert gate._counters.connect_attempts == 1
+
+
+@pytest.mark.parametrize("retry_for", [0.0, 0.2])
+async def test_a_turn_is_waited_for_past_the_retry_window(retry_for: float) -> None:
+    """Three callers for one slot, each attempt taking 0.3 s: nothing was refused, so the
+    later callers wait for their turn (up to ``turn_wait``), also with retries off or a
+    retry window shorter than the queue, and all get a connection."""
+    gate = admission(retry_for=retry_for)
+    got: list[str] = []
+
+    async def slow() -> str:
+        await anyio.sleep(0.3)
+        return "connection"
+
+    async def caller() -> None:
+        got.append(await gate.connect(slow))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+    assert got == ["connection"] * 3
+
+
+async def test_a_turn_is_waited_for_up_to_the_callers_own_deadline() -> None:
+    """A caller never refused waits for its turn up to its cancel scope's deadline, not
+    the shorter end that retries after a refusal keep: the slot comes free at 1.7 s
+    and its connect is done at 1.75 s, within its 2 s scope."""
+    gate = admission(retry_for=5.0)
+
+    async def holder() -> str:
+        await anyio.sleep(1.7)
+        return "connection"
+
+    async def quick() -> str:
+        await anyio.sleep(0.05)
+        return "connection"
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.connect, holder)
+            await anyio.sleep(0.01)
+            with anyio.fail_after(2.0):
+                assert await gate.connect(quick) == "connection"
 
 
 def full_server(times: list[float]) -> object:

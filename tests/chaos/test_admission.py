@@ -258,12 +258,18 @@ async def test_a_connect_waits_for_a_server_that_is_starting(
         await engine.dispose()
 
 
-@pytest.mark.parametrize("cap", [2, None], ids=["capped", "uncapped"])
+@pytest.mark.parametrize(
+    ("cap", "retry"),
+    [(2, 5.0), (None, 5.0), (2, None), (2, 0.1)],
+    ids=["capped", "uncapped", "capped-no-retries", "capped-retry-shorter-than-the-burst"],
+)
 async def test_max_connecting_caps_the_attempts_in_flight(
-    disposable_server: MariaDBServer, driver: str, cap: int | None
+    disposable_server: MariaDBServer, driver: str, cap: int | None, retry: float | None
 ) -> None:
     """Eight checkouts at once on an empty pool behind a slow network: at most
-    ``max_connecting`` connection attempts are in flight at any moment, and all succeed."""
+    ``max_connecting`` connection attempts are in flight at any moment, and all succeed,
+    also when the burst takes longer than ``connect_retry`` (a wait for a turn is no
+    retry: it lasts as long as a checkout may wait)."""
     with FaultProxy.for_url(disposable_server.url(driver)) as proxy:
         proxy.set_latency(0.05)
         engine = asyncgone.create_engine(
@@ -271,6 +277,7 @@ async def test_max_connecting_caps_the_attempts_in_flight(
             pool_size=8,
             max_overflow=0,
             max_connecting=cap,
+            connect_retry=retry,
         )
         admission = state_of(engine).admission  # type: ignore[union-attr]
         assert admission is not None
