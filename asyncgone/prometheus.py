@@ -88,6 +88,20 @@ _TIMINGS = {
 }
 
 
+#: The pool's gauges, ``asyncgone_pool_<name>``, and their help.
+_POOL_GAUGES = {
+    "size": "Configured pool size.",
+    "checked_out": "Connections in use.",
+    "idle": "Live connections idle in the pool.",
+    "idle_dead": "Idle slots known dead (or empty).",
+    "overflow": "Connections open beyond the pool size.",
+    "pending_requests": "Requests waiting for a connection now.",
+    "max": "Most connections open at once (pool_size + max_overflow).",
+    "idle_max": "Most idle connections the pool keeps.",
+    "idle_min": "Idle connections the keepalive keeps open (min_idle).",
+}
+
+
 def _le(bound: float) -> str:
     """A bucket's ``le`` label, written as Prometheus' own client writes it."""
     return "+Inf" if bound == math.inf else repr(bound)
@@ -136,6 +150,11 @@ class AsyncGoneCollector(Collector):
             return self._target
         return self._target.engine if self._target.started else None
 
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector may report, without samples: a registry checks
+        their names against its others' (also before a ``Database`` starts)."""
+        return _describe()
+
     def collect(self) -> Iterator[Metric]:
         engine = self._engine()
         if engine is None:
@@ -148,75 +167,90 @@ class AsyncGoneCollector(Collector):
                 if self._metrics is None and not self._closed:
                     self._metrics = instrument(engine)
                 metrics = self._metrics
-        yield from self._counters(state.counters)
-        yield from self._pool(engine, metrics)
+        yield from _counter_families(self.name, state.counters)
+        yield from _pool_families(self.name, engine, metrics)
         if metrics is not None:  # None once close()d
-            yield from self._timings(metrics)
+            yield from _timing_families(self.name, metrics)
 
-    def _counters(self, counters: Counters) -> Iterator[Metric]:
-        labels = ["engine"]
-        for field, (otel_name, _, help_text) in COUNTERS.items():
-            family = CounterMetricFamily(otel_name.replace(".", "_"), help_text, labels=labels)
-            family.add_metric([self.name], getattr(counters, field))
-            yield family
-        replaced = CounterMetricFamily(
-            "asyncgone_connections_replaced",
-            "Connections replaced, by reason.",
-            labels=[*labels, "reason"],
-        )
-        # Copied in one step (list(), sorted()): a scrape may run in another thread while
-        # the event loop counts.
-        for reason, count in sorted((r.value, n) for r, n in list(counters.replaced.items())):
-            replaced.add_metric([self.name, reason], count)
-        yield replaced
-        errors = CounterMetricFamily(
-            "asyncgone_disconnect_errors",
-            "Disconnect errors met while in use, by MySQL code.",
-            labels=[*labels, "code"],
-        )
-        for code, count in sorted(counters.errors.items()):
-            errors.add_metric([self.name, str(code)], count)
-        yield errors
 
-    def _pool(self, engine: AsyncEngine, metrics: PoolMetrics | None) -> Iterator[Metric]:
-        labels = ["engine"]
-        pool = pool_status(engine)
-        limit = limits(engine)
-        pending = None if metrics is None else metrics.pending
-        for field, value, help_text in (
-            ("size", pool.size, "Configured pool size."),
-            ("checked_out", pool.checked_out, "Connections in use."),
-            ("idle", pool.idle, "Live connections idle in the pool."),
-            ("idle_dead", pool.idle_dead, "Idle slots known dead (or empty)."),
-            ("overflow", pool.overflow, "Connections open beyond the pool size."),
-            ("pending_requests", pending, "Requests waiting for a connection now."),
-            ("max", limit.max_open, "Most connections open at once (pool_size + max_overflow)."),
-            ("idle_max", limit.max_idle, "Most idle connections the pool keeps."),
-            ("idle_min", limit.min_idle, "Idle connections the keepalive keeps open (min_idle)."),
-        ):
-            gauge = GaugeMetricFamily(f"asyncgone_pool_{field}", help_text, labels=labels)
-            if value is not None:  # no such limit (or figure): the family stays empty
-                gauge.add_metric([self.name], value)
-            yield gauge
+def _counter_families(name: str, counters: Counters | None) -> Iterator[Metric]:
+    """The counter families; without samples for None."""
+    labels = ["engine"]
+    for field, (otel_name, _, help_text) in COUNTERS.items():
+        family = CounterMetricFamily(otel_name.replace(".", "_"), help_text, labels=labels)
+        if counters is not None:
+            family.add_metric([name], getattr(counters, field))
+        yield family
+    replaced = CounterMetricFamily(
+        "asyncgone_connections_replaced",
+        "Connections replaced, by reason.",
+        labels=[*labels, "reason"],
+    )
+    # Copied in one step (list(), sorted()): a scrape may run in another thread while
+    # the event loop counts.
+    by_reason = {} if counters is None else counters.replaced
+    for reason, count in sorted((r.value, n) for r, n in list(by_reason.items())):
+        replaced.add_metric([name, reason], count)
+    yield replaced
+    errors = CounterMetricFamily(
+        "asyncgone_disconnect_errors",
+        "Disconnect errors met while in use, by MySQL code.",
+        labels=[*labels, "code"],
+    )
+    for code, count in sorted(({} if counters is None else counters.errors).items()):
+        errors.add_metric([name, str(code)], count)
+    yield errors
 
-    def _timings(self, metrics: PoolMetrics) -> Iterator[Metric]:
-        labels = ["engine"]
-        timeouts = CounterMetricFamily(
-            "asyncgone_pool_timeouts", "Requests that hit pool_timeout.", labels=labels
+
+def _pool_families(
+    name: str, engine: AsyncEngine | None, metrics: PoolMetrics | None
+) -> Iterator[Metric]:
+    """The pool's gauges; without samples for no engine."""
+    figures: dict[str, float | None] = dict.fromkeys(_POOL_GAUGES)
+    if engine is not None:
+        pool, limit = pool_status(engine), limits(engine)
+        figures.update(
+            size=pool.size,
+            checked_out=pool.checked_out,
+            idle=pool.idle,
+            idle_dead=pool.idle_dead,
+            overflow=pool.overflow,
+            max=limit.max_open,
+            idle_max=limit.max_idle,
+            idle_min=limit.min_idle,
         )
-        timeouts.add_metric([self.name], metrics.timeouts)
-        yield timeouts
-        for field, (metric, help_text) in _TIMINGS.items():
-            buckets, total = getattr(metrics, field).cumulative()
-            histogram = HistogramMetricFamily(
-                f"asyncgone_connection_{metric}_seconds", help_text, labels=labels
-            )
-            histogram.add_metric(
-                [self.name],
-                buckets=[(_le(bound), count) for bound, count in buckets],
-                sum_value=total,
-            )
+    figures["pending_requests"] = None if metrics is None else metrics.pending
+    for field, help_text in _POOL_GAUGES.items():
+        gauge = GaugeMetricFamily(f"asyncgone_pool_{field}", help_text, labels=["engine"])
+        value = figures[field]
+        if value is not None:  # no such limit (or figure): the family stays empty
+            gauge.add_metric([name], value)
+        yield gauge
+
+
+def _timing_families(name: str, metrics: PoolMetrics | None) -> Iterator[Metric]:
+    """The timing families; without samples for None."""
+    labels = ["engine"]
+    timeouts = CounterMetricFamily(
+        "asyncgone_pool_timeouts", "Requests that hit pool_timeout.", labels=labels
+    )
+    if metrics is not None:
+        timeouts.add_metric([name], metrics.timeouts)
+    yield timeouts
+    for field, (metric, help_text) in _TIMINGS.items():
+        histogram = HistogramMetricFamily(
+            f"asyncgone_connection_{metric}_seconds", help_text, labels=labels
+        )
+        if metrics is None:
             yield histogram
+            continue
+        buckets, total = getattr(metrics, field).cumulative()
+        histogram.add_metric(
+            [name],
+            buckets=[(_le(bound), count) for bound, count in buckets],
+            sum_value=total,
+        )
+        yield histogram
 
 
 class _Exporter:
@@ -224,7 +258,9 @@ class _Exporter:
     registered there, merging their samples into one family per metric name."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        # Weakly: the map of exporters holds its registry weakly, and its value must not
+        # keep it alive.
+        self._registry = weakref.ref(registry)
         self.collectors: list[AsyncGoneCollector] = []
         self.registered = False
 
@@ -244,9 +280,15 @@ class _Exporter:
             if self.collectors or not self.registered:
                 return
             self.registered = False
-            if _EXPORTERS.get(self.registry) is self:
-                del _EXPORTERS[self.registry]
-            self.registry.unregister(self)
+            registry = self._registry()
+            if registry is None:
+                return  # dropped by its owner, and this exporter with it
+            if _EXPORTERS.get(registry) is self:
+                del _EXPORTERS[registry]
+            registry.unregister(self)
+
+    def describe(self) -> Iterator[Metric]:
+        return _describe()
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
@@ -256,6 +298,13 @@ class _Exporter:
                 if merged is not family:
                     merged.samples.extend(family.samples)
         yield from families.values()
+
+
+def _describe() -> Iterator[Metric]:
+    """Every family asyncgone reports, without samples."""
+    yield from _counter_families("", None)
+    yield from _pool_families("", None, None)
+    yield from _timing_families("", None)
 
 
 # One exporter per registry (weakly: a registry dropped by its owner goes with it).
@@ -280,7 +329,9 @@ def register(
         registry (CollectorRegistry): where to register; default the global ``REGISTRY``.
 
     Returns:
-        AsyncGoneCollector: the collector, reported through the registry.
+        AsyncGoneCollector: the engine's collector; the registry holds the exporter that
+        reports it with the others (so ``collector.close()`` stops it, not
+        ``registry.unregister()``).
 
     Raises:
         ConfigurationError: ``target`` is an engine not made by

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+import weakref
 
 import anyio
 import anyio.to_thread
@@ -285,3 +287,33 @@ async def test_prometheus_registration_refused_by_the_registry_takes_nothing(url
     finally:
         await first.dispose()
         await second.dispose()
+
+
+async def test_prometheus_names_are_known_before_start_and_a_dropped_registry_is_freed(
+    url: str,
+) -> None:
+    """The metric names are described before a registered Database starts (a registry
+    refuses a second collector of the same names, and a restricted registry filters them);
+    a registry dropped without close() is freed with what it reported."""
+    registry = CollectorRegistry(auto_describe=True)
+    db = asyncgone.Database(url, keepalive=False)
+    collector = asyncgone.prometheus.register(db, name="main", registry=registry)
+    engine = asyncgone.create_engine(url)
+    try:
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            registry.register(asyncgone.prometheus.AsyncGoneCollector(engine, name="other"))
+        async with db:
+            restricted = registry.restricted_registry(["asyncgone_checkouts_total"])
+            assert (
+                'asyncgone_checkouts_total{engine="main"} 1.0'
+                in generate_latest(restricted).decode()
+            )
+    finally:
+        collector.close()
+        await engine.dispose()
+    dropped = CollectorRegistry()
+    asyncgone.prometheus.register(db, name="main", registry=dropped)
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
