@@ -48,15 +48,13 @@ open: checkouts pay nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import logging
 import math
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
-from typing import NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from sqlalchemy.engine import Engine
@@ -64,6 +62,7 @@ from sqlalchemy.pool import QueuePool
 
 from . import _compat
 from ._config import EngineOptions
+from ._connect_deadlines import Ends, connect_deadline, ends, retry_until, under_connect_deadline
 from ._drivers import DriverSupport, connect_error
 from ._errors import CAPACITY_CODES, SERVER_REFUSALS, error_code, is_refusal
 from ._stats import Counters
@@ -91,69 +90,9 @@ _BACKOFF_BASE = 0.1
 
 # Less time than this left in the retry window: no last try at its end, in seconds.
 _LAST_TRY = 0.05
-# A cancel scope's or run()'s deadline less than this after the retry window's end leaves
-# no room for a last try there, in seconds.
-_LAST_TRY_ROOM = 1.0
-# Retries end this long before a caller's cancel scope expires (or this share of the time
-# the scope leaves, when less), in seconds: the server's refusal, which says why the
-# connect failed, must reach the caller before the scope turns it into a bare timeout (a
-# refused attempt and the backoff's sleep each take longer than planned on a busy machine).
-_SCOPE_ROOM = 0.5
-_SCOPE_SHARE = 0.2
 
 # SQLAlchemy's QueuePool waits this long for a connection when no pool_timeout is given.
 _POOL_TIMEOUT = 30.0
-
-# The deadline a caller such as Database.run() puts on the connects it causes, as a
-# time.monotonic() value.
-_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "asyncgone_connect_deadline", default=math.inf
-)
-
-
-# A later end of the retry window than connect_retry's (see retry_until), monotonic().
-_RETRY_UNTIL = contextvars.ContextVar("asyncgone_retry_until", default=-math.inf)
-
-
-@contextlib.contextmanager
-def retry_until(when: float) -> Iterator[None]:
-    """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) even
-    past ``connect_retry`` seconds, unless retries are off (``connect_retry=None``)."""
-    token = _RETRY_UNTIL.set(when)
-    try:
-        yield
-    finally:
-        _RETRY_UNTIL.reset(token)
-
-
-@contextlib.contextmanager
-def connect_deadline(when: float) -> Iterator[None]:
-    """Within the block, connects retry refusals until ``when`` (``time.monotonic()``) at the
-    latest; for a caller (``Database.run()``) with a deadline of its own that is no cancel
-    scope, and that tries again by itself (see the module docstring)."""
-    token = _DEADLINE.set(min(when, _DEADLINE.get()))
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
-
-
-class _Ends(NamedTuple):
-    """When one caller's waits end, as ``time.monotonic()`` values."""
-
-    #: Waiting for a slot while nothing was refused: ``turn_wait`` seconds or the retry
-    #: window, whichever ends later, within the caller's deadlines.
-    turn: float
-    #: Waiting behind the engine's refusals (the probe, the backoff): the retry window.
-    window: float
-    #: Waiting after a refusal of the caller's own: the retry window, ending earlier than
-    #: a cancel scope's deadline by ``_SCOPE_ROOM`` (or ``_SCOPE_SHARE`` of the time the
-    #: scope has left, when less): the refusal must reach the caller before the scope
-    #: cancels it.
-    retries: float
-    #: Whether a last try fits at the window's end: not when a deadline comes within
-    #: ``_LAST_TRY_ROOM`` of it (it would cut that try short).
-    last_try: bool
 
 
 class Admission:
@@ -228,25 +167,9 @@ class Admission:
         ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
         return random.uniform(ceiling / 2, ceiling)
 
-    def _deadline(self, now: float) -> _Ends:
-        """When this caller's waits end (see ``_Ends``), from the retry window (or a later
-        end set with ``retry_until``), the caller's cancel scope, a deadline set with
-        ``connect_deadline`` and ``turn_wait``."""
-        window = now + self.retry_for
-        if self.retry_for > 0:
-            window = max(window, _RETRY_UNTIL.get())
-        hard = retries = _DEADLINE.get()
-        scope = anyio.current_effective_deadline()
-        if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
-            left = scope - anyio.current_time()
-            hard = min(hard, now + left)
-            retries = min(retries, now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left)))
-        return _Ends(
-            turn=min(max(window, now + self.turn_wait), hard),
-            window=min(window, hard),
-            retries=min(window, retries),
-            last_try=hard > window + _LAST_TRY_ROOM,
-        )
+    def _deadline(self, now: float) -> Ends:
+        """When this caller's waits end (see ``Ends``)."""
+        return ends(now, self.retry_for, self.turn_wait)
 
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
@@ -299,7 +222,7 @@ class Admission:
                     if error_code(exc) in CAPACITY_CODES:
                         self.capacity_refused += 1
                         self.hold_overflow()
-                        if _DEADLINE.get() < math.inf and self._others_held():
+                        if under_connect_deadline() and self._others_held():
                             raise  # Database.run() tries again, through the held pool
                     elif self._overflow_limit is not None:
                         self._last_full = time.monotonic()  # still refusing: keep holding

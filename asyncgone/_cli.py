@@ -299,7 +299,7 @@ def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
             # same error as a wrong password.
             remedy += (
                 " An account that requires TLS (REQUIRE SSL) is refused the same way over "
-                "clear text: add ssl_ca=CA_FILE to an asyncmy URL."
+                "clear text: add ssl_ca=CA_FILE to the URL."
             )
         return (
             exit_code,
@@ -317,16 +317,6 @@ def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
                 "Check the TLS settings (CA, client certificate and key, ciphers) against "
                 "the server's.",
             ),
-        )
-    if code is None and isinstance(exc, (AttributeError, TypeError)) and asks_for_tls(url):
-        # SQLAlchemy hands the URL's ssl_* keys to the driver as a dict; aiomysql (0.2, 0.3)
-        # takes only an ssl.SSLContext and fails deep in the event loop's TLS code.
-        return (
-            EXIT_USAGE,
-            f"{url.get_driver_name()} cannot take TLS settings from the URL",
-            f"{detail}. The ssl_* keys reach the driver as a dict, and {url.get_driver_name()} "
-            "accepts only an ssl.SSLContext: use mysql+asyncmy:// for the URL form, or give "
-            "your engine connect_args={'ssl': ssl.create_default_context(cafile=CA_FILE)}.",
         )
     if isinstance(exc, TimeoutError):  # a step of ours, bounded by the timeout, overran
         return (

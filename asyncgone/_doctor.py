@@ -235,7 +235,7 @@ def _advise_tls(tls: dict[str, Any], network: dict[str, Any], *, asked: bool) ->
                 f"anyone on the path can read every query and result, and the login exchange, "
                 f"open to offline password guessing. Use TLS: connect_args={{'ssl': "
                 f"ssl.create_default_context(cafile=CA_FILE)}} with either driver, or "
-                f"?ssl_ca=CA_FILE in an asyncmy URL (see the TLS page of the documentation)."
+                f"?ssl_ca=CA_FILE in the URL (see the TLS page of the documentation)."
             )
         return advice
     if not tls["certificate_verified"]:
@@ -243,7 +243,7 @@ def _advise_tls(tls: dict[str, Any], network: dict[str, Any], *, asked: bool) ->
             "The connection is encrypted, but this client did not verify the server's "
             "certificate: whatever answers on the way can pose as the server and read "
             "everything. Give the client the CA that signed it (cafile= in "
-            "ssl.create_default_context(), or ssl_ca= in an asyncmy URL)."
+            "ssl.create_default_context(), or ssl_ca= in the URL)."
         ]
     if not tls["hostname_checked"]:
         return [

@@ -27,6 +27,7 @@ import enum
 import inspect
 import logging
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -379,6 +380,21 @@ def new_connection(driver: str, *args: Any, **kwargs: Any) -> tuple[Any, Awaitab
 
     conn = AsyncmyConnection(*args, **kwargs)
     return conn, conn.connect()
+
+
+def pymysql_ssl_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
+    """The ``ssl.SSLContext`` PyMySQL makes from a dict of TLS settings (its private
+    ``Connection._create_ssl_ctx``, which takes no state of the connection), or None when
+    this PyMySQL has none. Raises what PyMySQL raises (``ssl.SSLError``, ``OSError``)."""
+    try:
+        from pymysql.connections import Connection
+    except ImportError:
+        return None
+    make = getattr(Connection, "_create_ssl_ctx", None)
+    if make is None:
+        return None
+    context = make(None, settings)
+    return context if isinstance(context, ssl.SSLContext) else None
 
 
 def connect_error(driver: str) -> type[Exception]:

@@ -27,6 +27,7 @@ from ._giveback import GiveBack
 from ._hosts import DEFAULT_PORT, HostAddress, hosts_of, without_hosts
 from ._invalidation import ErrorHandling
 from ._leaks import LeakDetection
+from ._params import checked_connect_args
 from ._reset import install_reset, pool_reset, reset_mode
 from ._search import HostSearch
 from ._state import EngineState, attach, state_of
@@ -89,6 +90,9 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
     connect_timeout = given_connect_timeout(resolved, connect_args)
     if connect_timeout is None:
         connect_timeout = connect_args["connect_timeout"] = options.connect_timeout
+    if "async_creator" not in sa_kwargs and "creator" not in sa_kwargs:
+        # A creator of the application's own decides what to connect with.
+        connect_args.update(checked_connect_args(resolved, connect_args))
     # Not given: asyncgone's "rollback when needed"; given: what SQLAlchemy documents.
     given = [sa_kwargs.pop("pool_reset_on_return")] if "pool_reset_on_return" in sa_kwargs else []
     mode = reset_mode(*given)

@@ -26,16 +26,39 @@ _EXAMPLE = "mysql+asyncmy://user:password@host:3306/database"
 # Whatever looks like "name:secret@" in a string SQLAlchemy could not parse: masked before the
 # string is quoted in an error. Over-masking a malformed string is fine; leaking is not.
 _USERINFO = re.compile(r"([^\s:/@]+):[^@\s]*@")
+# Query keys whose values are secrets (the drivers' password keys), and such a key's value
+# in a string that did not parse.
+_QUERY_SECRET_KEY = re.compile(r"passw(or)?d\d?", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&]passw(?:or)?d\d?=)[^&\s]*", re.IGNORECASE)
 
 
 def mask(url: str | URL) -> str:
-    """Render a URL with its password replaced by ``***``, also when it does not parse."""
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError, TypeError):
-        return _USERINFO.sub(r"\1:***@", url)
+    """Render a URL with its password replaced by ``***``, also when it does not parse, and
+    also a password given in its query (``?password=``)."""
+    if isinstance(url, str):
+        text = url
+        try:
+            url = make_url(text)
+        except (ArgumentError, ValueError, TypeError):
+            return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+    secrets = {key: "***" for key in url.query if _QUERY_SECRET_KEY.fullmatch(key)}
+    if secrets:
+        url = url.update_query_dict(secrets)
+    # SQLAlchemy quotes query values: the mask is shown as it is.
+    return url.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def _password_from_query(url: URL) -> URL:
+    """The URL with a ``?password=`` moved to its password, where SQLAlchemy masks it in
+    every rendering (the drivers get it either way)."""
+    given = url.query.get("password")
+    if given is None:
+        return url
+    if url.password is not None or not isinstance(given, str):
+        raise ConfigurationError(
+            f"the URL {mask(url)} gives more than one password: keep the one before the @"
+        )
+    return url.difference_update_query(["password"]).set(password=given)
 
 
 def _installed(module: str) -> bool:
@@ -81,6 +104,7 @@ def resolve_url(url: str | URL | None) -> URL:
             f"database URL must be a string or sqlalchemy.engine.URL, not {type(url).__name__}"
         )
 
+    parsed = _password_from_query(parsed.set(drivername=parsed.drivername.lower()))
     backend, _, driver = parsed.drivername.partition("+")
     if backend not in _BACKENDS:
         raise ConfigurationError(

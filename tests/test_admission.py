@@ -70,7 +70,7 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
 
 
 def test_connect_deadlines_nest_to_the_earliest() -> None:
-    from asyncgone._admission import _DEADLINE
+    from asyncgone._connect_deadlines import _DEADLINE
 
     assert _DEADLINE.get() == math.inf
     with connect_deadline(100.0):

@@ -500,8 +500,9 @@ def test_doctor_warns_about_clear_text_across_the_network(tls_server: MariaDBSer
 
 
 def test_doctor_tls_failures_say_what_to_do(tls_server: MariaDBServer, tmp_path: Path) -> None:
-    """A certificate from another CA, a TLS-only account without TLS, and TLS settings in an
-    aiomysql URL each get their own message, exit code and remedy, and no password."""
+    """A certificate from another CA, a TLS-only account without TLS, and a CA file that is
+    not there each get their own message, exit code and remedy, and no password; TLS
+    settings in an aiomysql URL work as in an asyncmy one."""
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes(TLSCertificates.generate().ca_pem)
     wrong_ca = asyncgone("doctor", f"{app_url(tls_server)}?ssl_ca={other_ca}")
@@ -515,16 +516,21 @@ def test_doctor_tls_failures_say_what_to_do(tls_server: MariaDBServer, tmp_path:
     assert "access denied" in clear.stderr
     assert "An account that requires TLS (REQUIRE SSL) is refused the same way" in clear.stderr
 
-    # aiomysql leaks a socket when this fails: a process of its own keeps that out of the suite.
+    missing = asyncgone("doctor", f"{app_url(tls_server)}?ssl_ca={tmp_path / 'nowhere.pem'}")
+    assert missing.returncode == 2, missing.stderr
+    assert f"ssl_ca='{tmp_path / 'nowhere.pem'}': no such file" in missing.stderr
+
     aiomysql_url = asyncgone(
-        "doctor", f"{app_url(tls_server, 'aiomysql')}?ssl_ca={tls_server.ca_file}"
+        "doctor", "--json", f"{app_url(tls_server, 'aiomysql')}?ssl_ca={tls_server.ca_file}"
     )
-    assert aiomysql_url.returncode == 2, aiomysql_url.stderr
-    assert "aiomysql cannot take TLS settings from the URL" in aiomysql_url.stderr
-    assert "connect_args={'ssl': ssl.create_default_context(cafile=CA_FILE)}" in (
-        aiomysql_url.stderr
+    assert aiomysql_url.returncode == 0, aiomysql_url.stderr
+    tls = json.loads(aiomysql_url.stdout)["tls"]
+    assert (tls["encrypted"], tls["certificate_verified"], tls["hostname_checked"]) == (
+        True,
+        True,
+        True,
     )
-    for result in (wrong_ca, clear, aiomysql_url):
+    for result in (wrong_ca, clear, missing, aiomysql_url):
         assert APP_PASSWORD not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
 

@@ -93,6 +93,32 @@ async def test_wrong_password_is_reported_without_the_password(
         await engine.dispose()
 
 
+async def test_a_password_in_the_url_query_is_used_and_never_shown(
+    disposable: Server, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``?password=`` reaches the driver (the right one connects, a wrong one is refused)
+    and shows in no rendering of the URL, error or log line."""
+    disposable.query("CREATE USER IF NOT EXISTS 'app3'@'%' IDENTIFIED BY 'query-kettle'")
+    disposable.query("GRANT ALL ON test.* TO 'app3'@'%'")
+    caplog.set_level(logging.DEBUG)
+    base = f"mysql+{driver}://app3@{disposable.host}:{disposable.port}/test"
+    right = asyncgone.create_engine(f"{base}?password=query-kettle&charset=utf8mb4")
+    wrong = asyncgone.create_engine(f"{base}?password=query-teapot")
+    try:
+        await connection_id(right)
+        with pytest.raises(sa_exc.OperationalError, match="1045") as info:
+            await connection_id(wrong)
+        async with asyncgone.Database(f"{base}?password=query-kettle") as db:
+            shown = [repr(right), repr(wrong), repr(db), str(info.value), caplog.text]
+    finally:
+        await right.dispose()
+        await wrong.dispose()
+    assert right.url.query == {"charset": "utf8mb4"}
+    for text_ in shown:
+        assert "query-kettle" not in text_
+        assert "query-teapot" not in text_
+
+
 async def test_no_password_in_logs_while_replacing_connections(
     disposable: Server, driver: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -130,10 +130,13 @@ async def test_steady_state_costs_no_ping_and_no_replacement(
         assert stats.checks >= 10
 
 
-async def test_asyncmy_takes_tls_settings_from_the_url(tls_server: MariaDBServer) -> None:
-    """``?ssl_ca=CA`` gives asyncmy a verified, host-checked TLS connection;
-    ``?ssl_check_hostname=false`` alone encrypts without verifying anything."""
-    base = Server(tls_server.host, tls_server.port, APP_USER, APP_PASSWORD).url("asyncmy")
+async def test_both_drivers_take_tls_settings_from_the_url(
+    tls_server: MariaDBServer, driver: str
+) -> None:
+    """``?ssl_ca=CA`` gives either driver a verified, host-checked TLS connection (aiomysql
+    through the context asyncgone makes as PyMySQL would); ``?ssl_check_hostname=false``
+    alone encrypts without verifying anything."""
+    base = Server(tls_server.host, tls_server.port, APP_USER, APP_PASSWORD).url(driver)
     async with disposing(asyncgone.create_engine(f"{base}?ssl_ca={tls_server.ca_file}")) as e:
         version, client = await session_tls(e)
         assert version.startswith("TLSv1.")
