@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -89,7 +90,7 @@ class FaultProxy:
         self._latency = 0.0
         self._target_url: URL | None = None
         self._closing = False
-        self._trigger: tuple[bytes, bool] | None = None
+        self._trigger: tuple[re.Pattern[bytes], bool] | None = None
         self.accepted = 0  #: connections accepted since start
         self.tripped = 0  #: connections cut by a cut_on() trigger
 
@@ -203,15 +204,23 @@ class FaultProxy:
         return self._call(self._blackhole(include_new))
 
     def cut_on(self, marker: bytes, *, deliver: bool = False) -> None:
-        """Cut (RST) the next connection whose client sends bytes containing ``marker``.
+        """Cut (RST) the next connection whose client sends ``marker`` as a whole word.
 
-        With ``deliver=False`` the chunk never reaches the server. With ``deliver=True`` it
-        does, and the connection is cut when the server answers, before the answer reaches
-        the client. One-shot: ``tripped`` counts the cuts made this way.
+        A marker that begins or ends with a letter, digit or ``_`` matches only where no
+        such character adjoins it: ``b"COMMIT"`` matches ``COMMIT`` but not the
+        ``SET AUTOCOMMIT = 0`` a new connection sends. With ``deliver=False`` the chunk
+        never reaches the server. With ``deliver=True`` it does, and the connection is cut
+        when the server answers, before the answer reaches the client. One-shot:
+        ``tripped`` counts the cuts made this way.
+
+        Raises:
+            ValueError: ``marker`` is not non-empty bytes.
         """
         if not isinstance(marker, bytes) or not marker:
             raise ValueError(f"marker must be non-empty bytes, got {marker!r}")
-        self._call(self._arm(marker, deliver))
+        before = rb"(?<![\w])" if re.match(rb"\w", marker[:1]) else b""
+        after = rb"(?![\w])" if re.match(rb"\w", marker[-1:]) else b""
+        self._call(self._arm(re.compile(before + re.escape(marker) + after), deliver))
 
     def send_to_clients(self, data: bytes) -> int:
         """Write ``data`` to the client side of every open connection, as if the server had
@@ -279,7 +288,7 @@ class FaultProxy:
         # to end, and reject() keeps those open on purpose.
         server.close()
 
-    async def _arm(self, marker: bytes, deliver: bool) -> None:
+    async def _arm(self, marker: re.Pattern[bytes], deliver: bool) -> None:
         self._trigger = (marker, deliver)
 
     def _trip(self, link: _Link) -> None:
@@ -371,7 +380,7 @@ class FaultProxy:
                     self._trip(link)
                     return
                 trigger = self._trigger
-                if upstream and trigger is not None and trigger[0] in data:
+                if upstream and trigger is not None and trigger[0].search(data):
                     self._trigger = None
                     if not trigger[1]:
                         self._trip(link)

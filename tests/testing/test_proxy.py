@@ -133,6 +133,25 @@ async def test_cut_in_the_middle_of_async_app_code(url: str) -> None:
             await engine.dispose()
 
 
+async def test_cut_on_a_keyword_waits_for_that_keyword(url: str) -> None:
+    """``cut_on(b"COMMIT")`` armed before a connection opens leaves its
+    ``SET AUTOCOMMIT = 0`` and a statement naming ``COMMIT_LOG`` alone, and cuts the
+    ``COMMIT`` itself."""
+    with FaultProxy.for_url(url) as proxy:
+        engine = asyncgone.create_engine(proxy.url)
+        try:
+            proxy.cut_on(b"COMMIT")
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1 AS COMMIT_LOG, 'AUTOCOMMIT' AS x")
+                assert proxy.tripped == 0
+                with pytest.raises((sa_exc.OperationalError, RuntimeError)) as info:
+                    await conn.commit()
+                assert asyncgone.is_disconnect(info.value)
+            assert proxy.tripped == 1
+        finally:
+            await engine.dispose()
+
+
 @pytest.mark.parametrize("deliver", [False, True])
 def test_cut_on_loses_a_statement_before_or_after_the_server(
     proxy: FaultProxy, shared: Server, deliver: bool
