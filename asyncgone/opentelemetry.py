@@ -344,6 +344,8 @@ def instrument(
         ConfigurationError: ``target`` is an engine not made by
             ``asyncgone.create_engine()``.
         TypeError: ``target`` is neither an ``AsyncEngine`` nor a ``Database``.
+        ValueError: another engine is instrumented through the same meter provider under
+            this ``name`` (two engines on one host and database need names of their own).
     """
     if not isinstance(target, (AsyncEngine, Database)):
         raise TypeError(
@@ -356,4 +358,11 @@ def instrument(
         url = target.url
         name = f"{url.host or 'localhost'}:{url.port or 3306}/{url.database or ''}"
     provider = get_meter_provider() if meter_provider is None else meter_provider
-    return Instrumentation(target, name, _instruments_of(provider))
+    instruments = _instruments_of(provider)
+    if any(handle.name == name for handle in list(instruments.handles)):
+        # Their measurements would carry the same attributes and be summed as one pool's.
+        raise ValueError(
+            f"an engine named {name!r} is already instrumented through this meter provider; "
+            f"give each engine its own name="
+        )
+    return Instrumentation(target, name, instruments)
