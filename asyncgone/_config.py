@@ -326,10 +326,12 @@ class RunOptions:
         check_count("attempts", self.attempts, minimum=1)
         _seconds("deadline", self.deadline, allow_zero=True)
         codes: object = self.retry_codes
-        if isinstance(codes, (str, bytes)) or not all(
-            isinstance(code, int) and not isinstance(code, bool)
-            for code in codes  # type: ignore[attr-defined]
-        ):
+        if not isinstance(codes, Collection) or isinstance(codes, (str, bytes)):
+            raise ConfigurationError(
+                f"retry_codes must be a collection of MySQL error numbers, such as "
+                f"{{1205, 1213}}, got {codes!r}"
+            )
+        if not all(isinstance(code, int) and not isinstance(code, bool) for code in codes):
             raise ConfigurationError(f"retry_codes must be MySQL error numbers, got {codes!r}")
         object.__setattr__(self, "retry_codes", frozenset(self.retry_codes))
 

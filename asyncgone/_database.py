@@ -29,9 +29,10 @@ from ._routing import (
     DEFAULT_MAX_REPLICA_LAG,
     DEFAULT_REPLICA_CHECK_INTERVAL,
     Routing,
+    RoutingOptions,
 )
 from ._run import run_unit
-from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
+from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope, check_session_options
 from ._state import EngineState, state_of, stats
 from ._stats import Health, Stats
 from ._url import mask, resolve_url
@@ -146,14 +147,13 @@ class Database:
         **engine_options: Any,
     ) -> None:
         self.url = resolve_url(url)  # validated now, like every option below
-        routing = {"max_lag": max_replica_lag, "interval": replica_check_interval}
-        self._routing = (
-            None
-            if replicas is None
-            else Routing(
-                replicas, **routing, fallback=replica_fallback, causal_timeout=causal_reads_timeout
-            )
-        )
+        routing = RoutingOptions(
+            max_lag=max_replica_lag,
+            interval=replica_check_interval,
+            fallback=replica_fallback,  # type: ignore[arg-type]
+            causal_timeout=causal_reads_timeout,
+        )  # checked also without replicas: a mistake shows before replicas are added
+        self._routing = None if replicas is None else Routing(replicas, routing)
         self._options, _ = split_options(engine_options, also=_OWN_KEYWORDS)
         self._run_options = RunOptions(
             attempts=attempts,
@@ -164,6 +164,7 @@ class Database:
         self._keepalive_on = check_flag("keepalive", keepalive)
         self._engine_options = engine_options
         self._session_options = dict(session_options or {})
+        check_session_options(self._session_options)
         self._keepalive: Keepalive | None = None
         self._engine: AsyncEngine | None = None
         self._lifecycle = _Lifecycle.NEW

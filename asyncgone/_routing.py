@@ -8,6 +8,7 @@ memory: the monitor's last verdict on each host; a session costs no round trip f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_REPLICA_LAG",
     "DEFAULT_REPLICA_CHECK_INTERVAL",
     "Routing",
+    "RoutingOptions",
 ]
 
 log = logging.getLogger("asyncgone")
@@ -74,29 +76,41 @@ def _read_only_sessions(dbapi: Any, timeout: float) -> Callable[[Any, Any], None
     return listener
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+    """``Database``'s replica options, validated when made (also without ``replicas``).
+
+    Raises:
+        ConfigurationError: a negative or non-numeric number of seconds, or a
+            ``fallback`` other than ``"primary"`` and ``"raise"``.
+    """
+
+    max_lag: float = DEFAULT_MAX_REPLICA_LAG
+    interval: float = DEFAULT_REPLICA_CHECK_INTERVAL
+    fallback: Fallback = "primary"
+    causal_timeout: float = DEFAULT_CAUSAL_READS_TIMEOUT
+
+    def __post_init__(self) -> None:
+        seconds("max_replica_lag", self.max_lag, allow_zero=True)
+        seconds("replica_check_interval", self.interval)
+        if self.fallback not in ("primary", "raise"):
+            raise ConfigurationError(
+                f"replica_fallback must be 'primary' or 'raise', got {self.fallback!r}"
+            )
+        seconds("causal_reads_timeout", self.causal_timeout, allow_zero=True)
+
+
 class Routing:
     """The replicas of one ``Database``; see the module docstring."""
 
-    def __init__(
-        self,
-        replicas: str | URL,
-        *,
-        max_lag: float,
-        interval: float,
-        fallback: str,
-        causal_timeout: float = DEFAULT_CAUSAL_READS_TIMEOUT,
-    ) -> None:
+    def __init__(self, replicas: str | URL, options: RoutingOptions) -> None:
         self.url = resolve_url(replicas)
         if not hosts_of(self.url) and not self.url.host:
             raise ConfigurationError(f"replicas={mask(self.url)} names no host")
-        self.max_lag = seconds("max_replica_lag", max_lag, allow_zero=True)
-        self.interval = seconds("replica_check_interval", interval)
-        if fallback not in ("primary", "raise"):
-            raise ConfigurationError(
-                f"replica_fallback must be 'primary' or 'raise', got {fallback!r}"
-            )
-        self.fallback: Fallback = fallback  # type: ignore[assignment]
-        self.causal_timeout = seconds("causal_reads_timeout", causal_timeout, allow_zero=True)
+        self.max_lag = options.max_lag
+        self.interval = options.interval
+        self.fallback: Fallback = options.fallback
+        self.causal_timeout = options.causal_timeout
         self.tracker = GtidTracker(timeout=self.causal_timeout + 5.0)
         self.engine: AsyncEngine | None = None
         self.monitor: ReplicaMonitor | None = None

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 import asyncgone
 from asyncgone import AsyncGoneError, ConfigurationError, Database, DatabaseUnavailable
@@ -64,6 +65,54 @@ async def test_options_are_validated_at_construction() -> None:
         Database("mysql+asyncmy://h/db", retry_codes="1213")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="cleanup_timeout"):
         Database("mysql+asyncmy://h/db", cleanup_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry_codes": 1213}, r"retry_codes must be a collection .* got 1213"),
+        ({"replica_fallback": "rais"}, r"replica_fallback must be 'primary' or 'raise'"),
+        ({"max_replica_lag": -1}, r"max_replica_lag"),
+        ({"replica_check_interval": 0}, r"replica_check_interval"),
+        ({"causal_reads_timeout": float("nan")}, r"causal_reads_timeout"),
+        (
+            {"session_options": {"expire_on_comit": True}},
+            r"'expire_on_comit' is not a keyword AsyncSession takes \(did you mean "
+            r"'expire_on_commit'\?\)",
+        ),
+        ({"session_options": {"sync_session_class": dict}}, r"sync_session_class must be"),
+    ],
+)
+def test_every_option_is_validated_also_when_it_does_not_apply_yet(
+    options: dict[str, object], message: str
+) -> None:
+    """Replica options without ``replicas``, ``retry_codes`` that is not a collection and
+    session options ``AsyncSession`` does not take are refused at construction, not when
+    replicas are added or the first session opens."""
+    with pytest.raises(ConfigurationError, match=message):
+        Database("mysql+asyncmy://h/db", **options)  # type: ignore[arg-type]
+
+
+async def test_session_options_given_per_session_are_checked(url: str) -> None:
+    """A misspelt ``AsyncSession`` keyword for one session, through ``Database.session()``
+    or ``managed_session()``, is refused before anything connects; a correct one, or
+    one a Session subclass of the application's takes, is used."""
+
+    class Tagged(Session):
+        def __init__(self, *args: object, tag: str = "", **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.info["tag"] = tag
+
+    async with Database(url, keepalive=False) as db:
+        with pytest.raises(ConfigurationError, match="did you mean 'autoflush'"):
+            db.session(autoflsh=False)
+        with pytest.raises(ConfigurationError, match="did you mean 'autoflush'"):
+            async with asyncgone.managed_session(db.engine, autoflsh=False):
+                pass
+        async with db.session(autoflush=False) as session:
+            assert session.autoflush is False
+        async with db.session(sync_session_class=Tagged, tag="t") as session:
+            assert session.sync_session.info["tag"] == "t"
 
 
 async def test_run_raises_non_retryable_errors_at_once(url: str) -> None:
