@@ -99,7 +99,7 @@ class ConnectSetup:
             if recycle == "auto":
                 idle_limit = server_limit
             self._warn_about_recycle(facts.wait_timeout)
-        state.smallest_idle_limit = min(state.smallest_idle_limit, idle_limit, server_limit)
+        state.lower_idle_limit(min(idle_limit, server_limit))
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         holder = ConnectionHolder(

@@ -119,13 +119,34 @@ class Keepalive:
         await self.stop()
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.interval / 2, 3600.0))
-            try:
-                await self.run_once()
-            except Exception as exc:  # a round failed; the next one may not
-                self._state.counters.keepalive_errors += 1
-                log.warning("keepalive round failed: %s", describe(exc))
+        # A connection with a shorter idle limit than any before (its server's wait_timeout
+        # was lowered, or another server took over) wakes the task: its automatic interval
+        # shrinks, and the idle connections must not wait out the old one.
+        loop = asyncio.get_running_loop()
+        lowered = asyncio.Event()
+
+        def wake() -> None:
+            if _compat.running_loop() is loop:
+                lowered.set()
+            else:  # a connect on another loop (or thread): tell this one
+                with contextlib.suppress(RuntimeError):  # this loop is closed
+                    loop.call_soon_threadsafe(lowered.set)
+
+        watchers = self._state.idle_limit_watchers
+        watchers.append(wake)
+        try:
+            while True:
+                lowered.clear()
+                # asyncio's own TimeoutError: not yet the builtin one on Python 3.10.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(lowered.wait(), min(self.interval / 2, 3600.0))
+                try:
+                    await self.run_once()
+                except Exception as exc:  # a round failed; the next one may not
+                    self._state.counters.keepalive_errors += 1
+                    log.warning("keepalive round failed: %s", describe(exc))
+        finally:
+            watchers.remove(wake)
 
     async def run_once(self) -> int:
         """Do one round now; return how many connections were visited."""

@@ -214,12 +214,23 @@ class EngineState:
         # automatic interval must stay under: its idle limit, and its server's wait_timeout
         # (less a margin) even when the idle limit is off.
         self.smallest_idle_limit = math.inf
+        # Called when smallest_idle_limit falls (a running keepalive: it reschedules).
+        self.idle_limit_watchers: list[Callable[[], None]] = []
         # Connections opened before this moment belong to an invalidated pool. SQLAlchemy's
         # own pool invalidation uses "now", which also discards the healthy replacements
         # opened while the failure was being discovered; asyncgone cuts at the first sign.
         self.invalid_before = -math.inf
         self._dead = _DeadTracker()
         self.recycle_warned = False
+
+    def lower_idle_limit(self, limit: float) -> None:
+        """Note a connection's idle limit; tell the watchers when it is the smallest yet
+        (a server whose ``wait_timeout`` was lowered, a failover to another server)."""
+        if limit >= self.smallest_idle_limit:
+            return
+        self.smallest_idle_limit = limit
+        for watcher in list(self.idle_limit_watchers):
+            watcher()
 
     def note_dead(self, now: float) -> bool:
         """Record a connection found dead; invalidate the pool when several die together.

@@ -8,10 +8,12 @@ import math
 import os
 import subprocess
 import sys
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import asyncgone
@@ -105,6 +107,38 @@ async def test_auto_interval_follows_wait_timeout_with_the_idle_limit_off(url: s
         async with engine.connect() as conn:
             assert (await conn.get_raw_connection()).info["asyncgone"].idle_limit == math.inf
         assert asyncgone.keepalive(engine).interval == pytest.approx(auto_idle_limit(4) / 2)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_shorter_idle_limit_wakes_the_running_keepalive(url: str) -> None:
+    """A connection whose server closes idle sessions sooner than any before (wait_timeout
+    lowered at runtime, another server after a failover) wakes a keepalive that was
+    sleeping on the old interval (a minute): it pings within that connection's limit, and
+    the connection is not lost."""
+    engine = asyncgone.create_engine(url, pool_size=2)
+    lowered = False
+
+    @event.listens_for(engine.sync_engine, "connect", insert=True)
+    def session_timeout(dbapi_connection: Any, record: Any) -> None:
+        if lowered:  # connections from now on: closed by the server after 3 idle seconds
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION wait_timeout=3")
+            cursor.close()
+
+    try:
+        await warm(engine, 1)
+        async with asyncgone.keepalive(engine) as running:
+            assert running.interval == 120  # half network_idle_limit: a 60 s sleep
+            lowered = True
+            await warm(engine, 2)  # a second connection, with the shorter limit
+            assert running.interval == pytest.approx(auto_idle_limit(3) / 2)
+            await anyio.sleep(6)  # twice the new connection's limit
+            stats = asyncgone.stats(engine)
+            assert stats.keepalive_runs >= 2
+            assert stats.keepalive_pings >= 2
+        await warm(engine, 2)
+        assert asyncgone.stats(engine).replaced == {}  # nothing closed by the server
     finally:
         await engine.dispose()
 
