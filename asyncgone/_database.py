@@ -23,7 +23,7 @@ from ._config import RunOptions, check_flag, seconds, split_options
 from ._engine import create_engine, first_connect_bound
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
-from ._metrics import pool_status
+from ._metrics import limits, pool_status
 from ._routing import (
     DEFAULT_CAUSAL_READS_TIMEOUT,
     DEFAULT_MAX_REPLICA_LAG,
@@ -373,12 +373,20 @@ class Database:
         except Exception as exc:
             error = describe(exc)
         latency = None if error else time.monotonic() - started
+        pool = pool_status(engine)
+        most = limits(engine).max_open
+        if error is not None and most is not None and pool.checked_out >= most:
+            # Not the server's fault: every connection the pool may open is in use.
+            error = (
+                f"no connection within {timeout:g} s: all {most} the pool may open "
+                f"(pool_size + max_overflow) are in use"
+            )
         return Health(
             ok=error is None,
             latency=latency,
             error=error,
             target=mask(self.url),
-            pool=pool_status(engine),
+            pool=pool,
         )
 
     def stats(self) -> Stats:

@@ -119,6 +119,20 @@ async def test_health_reports_ok_and_failure_in_time(
         assert "2003" in (report.error or "")
 
 
+async def test_health_says_when_the_pool_is_exhausted(url: str) -> None:
+    """With every connection the pool may open in use, health() answers not ok within its
+    timeout and says that the pool, not the server, is the reason."""
+    async with asyncgone.Database(url, pool_size=1, max_overflow=0, keepalive=False) as db:
+        async with db.engine.connect():
+            report = await db.health(timeout=0.5)
+        assert not report.ok
+        assert report.error == (
+            "no connection within 0.5 s: all 1 the pool may open (pool_size + max_overflow) "
+            "are in use"
+        )
+        assert (await db.health(timeout=2)).ok
+
+
 async def test_health_is_bounded_on_a_blackholed_path(url: str) -> None:
     """A server that never answers makes health() return not ok within its timeout, and the
     connection it was checking goes back to the pool."""
