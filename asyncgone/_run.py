@@ -91,8 +91,7 @@ async def run_unit(
             # replayed, read_only=True or not: the caller's word is no guarantee.
             lost_commit = isinstance(exc, CommitOutcomeUnknown)
             if lost_commit and (scope is None or replayable is None or not replayable(scope)):
-                counters.commit_outcome_unknown += 1
-                raise
+                raise  # counted by the session that raised it
             if work_commits != (0, 0):
                 # work committed (part of) itself: replaying would apply that part twice.
                 _unreplayable(exc, work_commits, counters, target)

@@ -316,6 +316,9 @@ class SessionScope:
                 # read-only, or a Galera node that may not serve, refuses the COMMIT:
                 # nothing committed): the outcome is known.
                 raise
+            state = state_of(self.engine)
+            if state is not None:
+                state.counters.commit_outcome_unknown += 1
             raise CommitOutcomeUnknown(
                 f"the connection to {mask(self.engine.url)} was lost while COMMIT was in "
                 f"flight: the transaction may or may not have been committed, and asyncgone "

@@ -92,7 +92,10 @@ class Stats:
       rounds of the keepalive task, connections it borrowed, the pings among ``pings`` it
       sent, and rounds that failed. The connections it replaced are ``replaced["keepalive"]``.
     - ``replays``: units of work ``Database.run()`` ran again after a safe failure.
-    - ``commit_outcome_unknown``: ``CommitOutcomeUnknown`` raised by ``Database.run()``.
+    - ``commit_outcome_unknown``: ``CommitOutcomeUnknown`` raised, by a session
+      (``managed_session()``, ``Database.session()``, ``run()``'s; ``run()`` replays
+      those of a replica's read-only session, which committed nothing) or by ``run()``
+      for a COMMIT of the unit of work's own.
     - ``unavailable``: ``DatabaseUnavailable`` raised by ``Database.run()``.
     - ``leaks``: connections held longer than ``leak_threshold`` (each logged with the stack
       that acquired it).

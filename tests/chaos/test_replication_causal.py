@@ -195,8 +195,7 @@ async def test_read_only_work_on_a_replica_whose_commit_is_lost_is_replayed(
             replicas=proxy.route(topology.server_url(replica, driver)),
         )
         async with db:
-            # A connection in the replica pool first: its connect sends SET AUTOCOMMIT,
-            # which the cut below would take for the COMMIT.
+            # A connection in the replica pool first: the read below then goes to it.
             assert await db.run(read, read_only=True) == replica.port
             proxy.cut_on(b"COMMIT", deliver=True)
             # The replay chooses again: the cut replica may be taken for down meanwhile.

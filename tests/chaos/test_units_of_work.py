@@ -109,6 +109,23 @@ async def test_connection_lost_during_commit_is_never_replayed(
     assert rows(shared, table) == ([(7, 7)] if deliver else [])
 
 
+async def test_a_session_whose_commit_is_lost_counts_it(url: str, table: str) -> None:
+    """``Database.session()`` and ``managed_session()`` raise CommitOutcomeUnknown for a
+    COMMIT lost in flight, and count it in ``stats().commit_outcome_unknown`` as ``run()``
+    does."""
+    with FaultProxy.for_url(url) as proxy:
+        async with Database(proxy.url) as db:
+            for opened in (db.session, lambda: asyncgone.managed_session(db.engine)):
+                proxy.cut_on(b"COMMIT", deliver=True)
+                with pytest.raises(CommitOutcomeUnknown):
+                    async with opened() as session:
+                        await session.execute(text(f"INSERT INTO {table} VALUES (8, 8)"))
+                async with db.session() as cleanup:  # the COMMIT went through: undo it
+                    await cleanup.execute(text(f"DELETE FROM {table} WHERE id = 8"))
+            assert proxy.tripped == 2
+            assert db.stats().commit_outcome_unknown == 2
+
+
 async def test_read_only_work_on_the_primary_whose_commit_is_lost_is_not_replayed(
     url: str, table: str
 ) -> None:
