@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return asyncio.run(_demo(args, out))
     except ConfigurationError as exc:
         print(f"asyncgone: {exc}", file=sys.stderr)
+        _json_failure(args, out, EXIT_USAGE, "unusable URL or option", str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -208,7 +209,9 @@ async def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     except ConfigurationError:
         raise
     except Exception as exc:
-        return _connect_failure(url, exc, args.timeout)
+        exit_code, headline, explanation = _connect_failure(url, exc, args.timeout)
+        _json_failure(args, out, exit_code, headline, explanation)
+        return exit_code
     if args.json:
         json.dump(report.as_dict(), out, indent=2, default=str)
         out.write("\n")
@@ -337,13 +340,24 @@ def _diagnose(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
     return EXIT_ERROR, f"could not use {target}", f"{detail}."
 
 
-def _connect_failure(url: URL, exc: Exception, timeout: float) -> int:
-    """Explain on stderr why ``url`` could not be used; return the exit code."""
+def _connect_failure(url: URL, exc: Exception, timeout: float) -> tuple[int, str, str]:
+    """Explain on stderr why ``url`` could not be used; return the exit code, headline and
+    explanation."""
     if isinstance(exc, ConfigurationError):
         raise exc  # an option in the URL that asyncgone rejects: main() reports it as usage
     exit_code, headline, explanation = _diagnose(url, exc, timeout)
     print(f"asyncgone: {headline}: {explanation}", file=sys.stderr)
-    return exit_code
+    return exit_code, headline, explanation
+
+
+def _json_failure(
+    args: argparse.Namespace, out: TextIO, exit_code: int, headline: str, explanation: str
+) -> None:
+    """With ``doctor --json``, the failure as JSON on stdout too, for scripts."""
+    if getattr(args, "json", False):
+        failure = {"ok": False, "exit_code": exit_code, "error": headline, "detail": explanation}
+        json.dump(failure, out, indent=2)
+        out.write("\n")
 
 
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -361,7 +375,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         await examine(url, probe_timeout)
     except Exception as exc:
         if args.url or isinstance(exc, ConfigurationError):
-            return _connect_failure(url, exc, probe_timeout)
+            return _connect_failure(url, exc, probe_timeout)[0]
         started = _disposable_server(out, url, exc, probe_timeout)
         if isinstance(started, int):
             return started
@@ -399,11 +413,11 @@ def _disposable_server(
         print(
             "asyncgone: a disposable server needs pip install 'asyncgone[testing]'", file=sys.stderr
         )
-        return _connect_failure(url, exc, timeout)
+        return _connect_failure(url, exc, timeout)[0]
     try:
         server = MariaDBServer()
     except ServerBinaryNotFound:
-        return _connect_failure(url, exc, timeout)  # none possible here: say why the URL failed
+        return _connect_failure(url, exc, timeout)[0]  # none possible here: say why the URL failed
     except Exception as failure:  # e.g. no writable temporary directory
         return _disposable_failed(headline, failure)
     print(f"{headline}: starting a disposable MariaDB", file=out)

@@ -262,14 +262,24 @@ def test_doctor_database_without_grant(disposable: Server) -> None:
 
 
 def test_doctor_wrong_password(disposable: Server) -> None:
-    """Access denied has its own exit code and message."""
+    """Access denied has its own exit code and message; with --json it is also printed as
+    JSON on stdout, and an unusable URL likewise, never with the password."""
     disposable.query("CREATE USER IF NOT EXISTS 'doc'@'%' IDENTIFIED BY 'right-one'")
-    result = asyncgone(
-        "doctor", f"mysql+asyncmy://doc:wrong-one@{disposable.host}:{disposable.port}/test"
-    )
+    url = f"mysql+asyncmy://doc:wrong-one@{disposable.host}:{disposable.port}/test"
+    result = asyncgone("doctor", url)
     assert result.returncode == 4
     assert "access denied" in result.stderr
     assert "wrong-one" not in result.stderr
+    as_json = asyncgone("doctor", "--json", url)
+    assert as_json.returncode == 4
+    failure = json.loads(as_json.stdout)
+    assert (failure["ok"], failure["exit_code"]) == (False, 4)
+    assert failure["error"].startswith("access denied to mysql+asyncmy://doc:***@")
+    unusable = asyncgone("doctor", "--json", url.replace(f":{disposable.port}", ":99999"))
+    assert unusable.returncode == 2
+    assert "port 99999 in the URL is out of range" in json.loads(unusable.stdout)["detail"]
+    for printed in (as_json, unusable):
+        assert "wrong-one" not in printed.stdout + printed.stderr
 
 
 def summary(stdout: str) -> dict[str, tuple[str, str]]:
