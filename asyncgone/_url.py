@@ -26,6 +26,8 @@ _EXAMPLE = "mysql+asyncmy://user:password@host:3306/database"
 # Whatever looks like "name:secret@" in a string SQLAlchemy could not parse: masked before the
 # string is quoted in an error. Over-masking a malformed string is fine; leaking is not.
 _USERINFO = re.compile(r"([^\s:/@]+):[^@\s]*@")
+# The same after "//": the user name is what follows it (the scheme stays as written).
+_AUTHORITY_USERINFO = re.compile(r"(//[^\s:/@]*):[^@\s]*@")
 # Query keys whose values are secrets (the drivers' password keys), and such a key's value
 # in a string that did not parse.
 _QUERY_SECRET_KEY = re.compile(r"passw(or)?d\d?", re.IGNORECASE)
@@ -40,7 +42,8 @@ def mask(url: str | URL) -> str:
         try:
             url = make_url(text)
         except (ArgumentError, ValueError, TypeError):
-            return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+            userinfo = _AUTHORITY_USERINFO if "//" in text else _USERINFO
+            return _QUERY_SECRET.sub(r"\1***", userinfo.sub(r"\1:***@", text))
     secrets = {key: "***" for key in url.query if _QUERY_SECRET_KEY.fullmatch(key)}
     if secrets:
         url = url.update_query_dict(secrets)
