@@ -287,6 +287,8 @@ class Database:
         (``MASTER_GTID_WAIT``, at most ``causal_reads_timeout``) for that commit, else the
         primary serves it.
         """
+        if session_options:  # the Database's own were checked when it was made
+            check_session_options({**self._session_options, **session_options})
         options = {**self._session_options, **session_options}
         if read_only and self._routing is not None:
             return self._routing.scope(self.engine, options, self._cleanup_timeout)
@@ -435,6 +437,8 @@ async def managed_session(
         async with bind.session(**session_options) as session:
             yield session
         return
+    if session_options:
+        check_session_options(session_options)
     engine, owned = _engine_for(bind)
     try:
         async with SessionScope(engine, session_options) as session:

@@ -207,8 +207,6 @@ class SessionScope:
         *,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
     ) -> None:
-        if session_options:
-            check_session_options(session_options)
         options = {**DEFAULT_SESSION_OPTIONS, **(session_options or {})}
         options["sync_session_class"] = _tracking_class(options.get("sync_session_class", Session))
         self.engine = engine
