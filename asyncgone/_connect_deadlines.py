@@ -21,7 +21,14 @@ from typing import NamedTuple
 
 import anyio
 
-__all__ = ["Ends", "connect_deadline", "ends", "retry_until", "under_connect_deadline"]
+__all__ = [
+    "Ends",
+    "connect_deadline",
+    "ends",
+    "retries_end",
+    "retry_until",
+    "under_connect_deadline",
+]
 
 # A cancel scope's or run()'s deadline less than this after the retry window's end leaves
 # no room for a last try there, in seconds.
@@ -68,6 +75,17 @@ def connect_deadline(when: float) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
+def retries_end(now: float) -> float:
+    """When retries under the caller's cancel scope must end, as a ``time.monotonic()``
+    value (``now`` is the current one): ``_SCOPE_ROOM`` before the scope's deadline, or
+    ``_SCOPE_SHARE`` of the time it leaves when less; ``math.inf`` without a deadline."""
+    scope = anyio.current_effective_deadline()
+    if scope == math.inf:
+        return math.inf
+    left = scope - anyio.current_time()  # on the event loop's clock
+    return now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left))
+
+
 def under_connect_deadline() -> bool:
     """Whether a caller such as ``Database.run()`` set a deadline (``connect_deadline``)."""
     return _DEADLINE.get() < math.inf
@@ -100,9 +118,8 @@ def ends(now: float, retry_for: float, turn_wait: float) -> Ends:
     hard = retries = _DEADLINE.get()
     scope = anyio.current_effective_deadline()
     if scope != math.inf:  # on the event loop's clock: make it a monotonic() time
-        left = scope - anyio.current_time()
-        hard = min(hard, now + left)
-        retries = min(retries, now + left - min(_SCOPE_ROOM, _SCOPE_SHARE * max(0.0, left)))
+        hard = min(hard, now + scope - anyio.current_time())
+        retries = min(retries, retries_end(now))
     return Ends(
         turn=min(max(window, now + turn_wait), hard),
         window=min(window, hard),

@@ -326,7 +326,8 @@ class Database:
         Args:
             work (Callable[[AsyncSession], Awaitable[T]]): the unit of work.
             attempts (int | None): tries in all; default the Database's (3).
-            deadline (float | None): seconds to keep trying; default the Database's (15).
+            deadline (float | None): seconds to keep trying; default the Database's (15);
+                a caller's cancel scope ending sooner ends it a little before that.
             retry_codes (Collection[int] | None): MySQL error numbers safe to replay;
                 default the Database's (``DEFAULT_RETRY_CODES``).
             read_only (bool): ``work`` only reads: run it on a fit replica (see

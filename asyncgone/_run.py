@@ -22,8 +22,8 @@ from typing import NoReturn, TypeVar
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._admission import connect_deadline
 from ._config import RunOptions
+from ._connect_deadlines import connect_deadline, retries_end
 from ._errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
@@ -67,7 +67,11 @@ async def run_unit(
     ``replayable`` tells whether an attempt's session ran where nothing can have been
     written (a replica engine, whose sessions are read-only): a COMMIT lost in flight there
     committed nothing and is replayed. Anywhere else it raises ``CommitOutcomeUnknown``."""
-    give_up_at = time.monotonic() + options.deadline
+    started = time.monotonic()
+    # The caller's cancel scope, when sooner, ends the waits a little before it expires:
+    # DatabaseUnavailable, naming the last error, must reach the caller before the scope
+    # turns the wait into a bare timeout.
+    give_up_at = min(started + options.deadline, retries_end(started))
     failures = waits = 0
     scope: SessionScope | None = None
     while True:
@@ -102,7 +106,8 @@ async def run_unit(
                 if now >= give_up_at:
                     counters.unavailable += 1
                     raise DatabaseUnavailable(
-                        f"no working connection to {target} within {options.deadline:g} s; "
+                        f"no working connection to {target} within "
+                        f"{_budget(started, give_up_at, options.deadline)}; "
                         f"last error: {describe(exc)}"
                     ) from exc
                 waits += 1
@@ -123,6 +128,13 @@ async def run_unit(
                     options.attempts,
                 )
             await anyio.sleep(min(delay, max(0.0, give_up_at - now)))
+
+
+def _budget(started: float, give_up_at: float, deadline: float) -> str:
+    """The time the runner had, as its error message says it."""
+    if give_up_at >= started + deadline:
+        return f"{deadline:g} s"
+    return f"{max(0.0, give_up_at - started):.2g} s (the caller's cancel scope)"
 
 
 def _unreplayable(

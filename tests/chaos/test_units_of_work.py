@@ -3,6 +3,7 @@ deadlocks and a server that goes away for a while."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import anyio
@@ -264,6 +265,25 @@ async def test_run_gives_up_with_a_clear_message(
     assert "within 1 s" in message
     assert "2003" in message
     assert "pw-secret" not in message
+
+
+async def test_run_under_a_shorter_cancel_scope_gives_up_before_it(
+    disposable_server: MariaDBServer, disposable: Server, driver: str
+) -> None:
+    """With the server down, run() under a caller's 2 s cancel scope (shorter than its own
+    15 s deadline) raises DatabaseUnavailable naming the last error before the scope
+    expires, not the scope's bare TimeoutError."""
+    async with Database(disposable.url(driver), pool_size=1) as db:
+        await anyio.to_thread.run_sync(disposable_server.kill)
+        try:
+            with pytest.raises(DatabaseUnavailable) as info, anyio.fail_after(2.0):
+                await db.run(lambda s: s.execute(text("SELECT 1")))
+        finally:
+            await anyio.to_thread.run_sync(disposable_server.start)
+        assert db.stats().unavailable == 1
+    message = str(info.value)
+    assert re.search(r"within 1\.\d s \(the caller's cancel scope\)", message), message
+    assert "2003" in message
 
 
 @pytest.mark.parametrize(
