@@ -270,6 +270,18 @@ class SessionScope:
         if self._session is not None:
             await self._cleanup(self._session, error, rollback=True)
 
+    def streaming(self) -> bool:
+        """Whether a result of the session (``session.stream()``, a server-side cursor) is
+        still being read: ending the session now would drain or discard its rows."""
+        session = self._session
+        if session is None:
+            return False
+        for conn in session.info.get(_CONNECTIONS, []):
+            state = None if conn.closed or conn.invalidated else state_of(conn.engine)
+            if state is not None and state.driver.streaming(conn.connection.driver_connection):
+                return True
+        return False
+
     def stop_statements(self) -> None:
         """Stop, with ``KILL QUERY``, what the session's connections run right now (a
         statement in flight, a result still being read); for a request whose client hung

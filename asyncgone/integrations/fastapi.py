@@ -33,7 +33,9 @@ from asyncgone import Database
 
 from .starlette import (
     SAFE_METHODS,
+    STATE_KEY,
     DatabaseMiddleware,
+    RequestSession,
     get_session,
     is_unavailable,
     lifespan,
@@ -66,8 +68,28 @@ def session_dependency(
 
     async def dependency(request: Request) -> AsyncIterator[AsyncSession]:
         database: Database = db or request.app.state.db
-        async with database.session(**session_options) as session:
-            yield session
+        scope = database.session(**session_options)
+        try:
+            yield scope.open()
+        except BaseException as exc:
+            await scope.rollback(exc)
+            raise
+        if not scope.streaming():
+            await scope.commit()
+            return
+        # The response streams a result of this session (a StreamingResponse over
+        # session.stream()): committing now would drain it, and the client would get a
+        # truncated body. The middleware's request session ends it after the body.
+        request_session = request.scope.get("state", {}).get(STATE_KEY)
+        if isinstance(request_session, RequestSession) and request_session.adopt(scope):
+            return
+        error = RuntimeError(
+            "the response streams a result of the request's Session, which is committed "
+            "before the response: add DatabaseMiddleware (it keeps such a session open until "
+            "the body is sent), or stream from `async with db.session()` inside the body"
+        )
+        await scope.rollback(error)
+        raise error
 
     return dependency
 

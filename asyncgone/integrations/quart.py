@@ -122,6 +122,14 @@ class AsyncGone:
             raise RuntimeError(
                 "AsyncGone needs a Database: AsyncGone(app, db) or init_app(app, db)"
             )
+        if app.extensions.get(_EXTENSION, self) is not self:
+            # One request session per request, and one set of error handlers, per app: a
+            # second extension would take over the first's (its queries to the other
+            # database) without a word.
+            raise RuntimeError(
+                "this app already has an AsyncGone extension: one per app; for a second "
+                "database, use `async with db2.session()` in the views that need it"
+            )
         app.extensions[_EXTENSION] = self
         app.before_serving(self._start)
         app.after_serving(self._stop)
@@ -157,6 +165,15 @@ class AsyncGone:
 
     async def _commit(self, response: Any) -> Any:
         scope: SessionScope | None = g.pop(_SCOPE, None)
+        if scope is not None and scope.streaming():
+            # The body streams a result of the request's session, which ends here, before
+            # the body: committing would drain the result and send a truncated body.
+            error = RuntimeError(
+                "the response streams a result of the request's session, which ends before "
+                "the body is sent: stream from `async with db.session()` inside the generator"
+            )
+            await scope.rollback(error)
+            raise error
         if scope is not None:
             if response.status_code >= 400:
                 await scope.rollback(RuntimeError(f"error response {response.status_code}"))

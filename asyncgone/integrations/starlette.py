@@ -112,6 +112,9 @@ class RequestSession:
         self._read_only = read_only
         self._scope: SessionScope | None = None
         self._finished = False
+        # Scopes of the request's own dependencies whose results the body streams
+        # (``adopt``): they end with this one.
+        self._adopted: list[SessionScope] = []
 
     def get(self) -> AsyncSession:
         if self._finished:
@@ -126,21 +129,44 @@ class RequestSession:
         assert session is not None
         return session
 
+    def streaming(self) -> bool:
+        """Whether the response reads a result of this session as it goes (a streaming
+        body over ``session.stream()``): the session must stay open until it is sent."""
+        if self._finished:
+            return False
+        scopes = [*([self._scope] if self._scope is not None else []), *self._adopted]
+        return any(scope.streaming() for scope in scopes)
+
+    def adopt(self, scope: SessionScope) -> bool:
+        """Take over ending ``scope`` (a dependency's session whose result the body
+        streams): it is committed or rolled back with this one, after the body. False
+        once this one has ended: the caller must end it itself."""
+        if self._finished:
+            return False
+        self._adopted.append(scope)
+        return True
+
     async def commit(self) -> None:
         """Commit and close, if the session was used; raises what committing raises."""
         if self._finished:
             return
         self._finished = True
-        if self._scope is not None:
-            await self._scope.commit()
+        scopes = [*self._adopted, *([self._scope] if self._scope is not None else [])]
+        for index, scope in enumerate(scopes):
+            try:
+                await scope.commit()
+            except BaseException as exc:
+                for rest in scopes[index + 1 :]:
+                    await rest.rollback(exc)
+                raise
 
     async def abort(self, exc: BaseException) -> None:
         """Roll back and close, if the session was used; never raises in place of ``exc``."""
         if self._finished:
             return
         self._finished = True
-        if self._scope is not None:
-            await self._scope.rollback(exc)
+        for scope in [*self._adopted, *([self._scope] if self._scope is not None else [])]:
+            await scope.rollback(exc)
 
 
 def get_session(request: Request) -> AsyncSession:
@@ -211,8 +237,11 @@ class DatabaseMiddleware:
                 # read its write at once, and a failed commit can still become an error.
                 if message["status"] >= 400:
                     await request_session.abort(_ErrorResponse(message["status"]))
-                else:
+                elif not request_session.streaming():
                     await request_session.commit()
+                # else the body streams a result of the session: committing now would
+                # drain it, and the client would get a truncated body. It ends after the
+                # body, below (the status line is sent by then: a failure there is logged).
                 progress.started = True
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 progress.done = True
@@ -240,7 +269,8 @@ class DatabaseMiddleware:
             # their statements stopped, their tasks cancelled.
             await group.abandon(self.db.cleanup_timeout)
         else:
-            await request_session.commit()  # a response was never started: nothing to wait for
+            # A response never started, or its body streamed a result of the session.
+            await request_session.commit()
 
     async def _run_until_disconnect(
         self, scope: Scope, receive: Receive, send: Send, progress: _Progress

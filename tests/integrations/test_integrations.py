@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import asyncgone
@@ -144,6 +145,63 @@ def test_get_session_without_middleware_is_explained() -> None:
         ag_starlette.get_session(request)
 
 
+ROWS = 20_000
+
+
+async def rows_of(result: Any) -> AsyncIterator[bytes]:
+    async for (value,) in result:
+        yield f"{value}\n".encode()
+
+
+async def test_a_streamed_result_of_the_request_session_is_sent_whole(
+    db: asyncgone.Database,
+) -> None:
+    """A streaming response over ``session.stream()`` of the request's session (Starlette's
+    ``get_session``, FastAPI's ``Session`` with the middleware) sends every row: the
+    session ends after the body, not when the response starts (which drained the result
+    and sent one row)."""
+
+    async def starlette_endpoint(request: Request) -> Response:
+        result = await ag_starlette.get_session(request).stream(
+            text(f"SELECT seq FROM seq_1_to_{ROWS}")
+        )
+        return StreamingResponse(rows_of(result))
+
+    other = asyncgone.Database(db.url, pool_size=2)  # a Database starts once
+    fastapi = FastAPI(lifespan=ag_fastapi.lifespan(other))
+    fastapi.add_middleware(ag_fastapi.DatabaseMiddleware, db=other)
+
+    @fastapi.get("/")
+    async def fastapi_endpoint(session: ag_fastapi.Session) -> StreamingResponse:
+        result = await session.stream(text(f"SELECT seq FROM seq_1_to_{ROWS}"))
+        return StreamingResponse(rows_of(result))
+
+    for app, database in ((starlette_app(db, starlette_endpoint), db), (fastapi, other)):
+        async with in_process(app) as client:
+            response = await client.get("/")
+            assert response.status_code == 200
+            lines = response.text.splitlines()
+            assert (len(lines), lines[0], lines[-1]) == (ROWS, "1", str(ROWS))
+            pool = database.engine.sync_engine.pool
+            assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_fastapi_streaming_from_session_without_the_middleware_is_an_error(
+    db: asyncgone.Database,
+) -> None:
+    """Without the middleware nothing can keep the dependency's session open for the body:
+    a 500 saying what to do, never a 200 with a truncated body."""
+    app = FastAPI(lifespan=ag_fastapi.lifespan(db))
+
+    @app.get("/")
+    async def endpoint(session: ag_fastapi.Session) -> StreamingResponse:
+        result = await session.stream(text(f"SELECT seq FROM seq_1_to_{ROWS}"))
+        return StreamingResponse(rows_of(result))
+
+    async with in_process(app) as client:
+        assert (await client.get("/")).status_code == 500
+
+
 async def test_fastapi_dependency_rolls_back_on_http_exception(
     db: asyncgone.Database, disposable: Server
 ) -> None:
@@ -191,6 +249,27 @@ async def test_quart_error_status_rolls_back(db: asyncgone.Database, disposable:
     async with in_process(app) as client:
         assert (await client.post("/")).status_code == 409
     assert marks(disposable) == []
+
+
+async def test_quart_streaming_from_the_request_session_is_an_error(
+    db: asyncgone.Database,
+) -> None:
+    """Quart ends the request's session before the body: a body streaming one of its
+    results gets a 500 saying what to do, never a 200 with a truncated body; a second
+    AsyncGone on the same app is refused (it would take over the first's sessions)."""
+    app = Quart(__name__)
+    ag_quart.AsyncGone(app, db)
+    with pytest.raises(RuntimeError, match="already has an AsyncGone extension"):
+        ag_quart.AsyncGone(app, asyncgone.Database(db.url))
+
+    @app.get("/")
+    async def endpoint() -> ResponseReturnValue:
+        result = await ag_quart.session().stream(text(f"SELECT seq FROM seq_1_to_{ROWS}"))
+        return rows_of(result), 200
+
+    async with in_process(app) as client:
+        assert (await client.get("/")).status_code == 500
+        assert db.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_quart_lost_commit_becomes_503(db: asyncgone.Database, disposable: Server) -> None:
