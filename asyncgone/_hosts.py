@@ -68,6 +68,18 @@ def check_target_role(value: object) -> TargetRole:
 
 
 def _address(text: str, shown: str) -> HostAddress:
+    if text != text.strip() or any(c.isspace() for c in text):
+        raise ConfigurationError(f"host {text!r} in {shown} has spaces; write host=NAME:PORT")
+    if "," in text:
+        raise ConfigurationError(
+            f"host {text!r} in {shown} names several servers: one per host= parameter, "
+            f"e.g. ?host=db1:3306&host=db2:3306"
+        )
+    if text.count(":") > 1 and not text.startswith("["):
+        raise ConfigurationError(
+            f"host {text!r} in {shown} looks like an IPv6 address: write it in brackets, "
+            f"e.g. host=[::1]:3306"
+        )
     host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
     if not sep:
         host, port = text, ""
@@ -100,9 +112,14 @@ def hosts_of(url: URL) -> tuple[HostAddress, ...]:
             f"{shown} names a host both before the path and in ?host=: write every server "
             f"as a host= parameter, e.g. mysql+asyncmy://user:pw@/db?host=db1:3306&host=db2"
         )
+    if "port" in url.query:
+        raise ConfigurationError(
+            f"{shown} gives port= next to host= parameters, where it applies to none: give "
+            f"each host its port, e.g. ?host=db1:3307&host=db2:3307"
+        )
     values = (given,) if isinstance(given, str) else tuple(given)
     hosts = tuple(_address(value, shown) for value in values)
-    if len(set(hosts)) != len(hosts):
+    if len({(h.host.lower(), h.port) for h in hosts}) != len(hosts):  # names ignore case
         raise ConfigurationError(f"{shown} names the same host twice")
     return hosts
 

@@ -37,6 +37,12 @@ def test_sqlalchemy_gets_the_first_host_and_no_host_parameters() -> None:
         ("mysql+asyncmy://app:s3cret@/app?host=db1:70000", "must be a number from 1 to 65535"),
         ("mysql+asyncmy://app:s3cret@/app?host=:3306", "empty host"),
         ("mysql+asyncmy://app:s3cret@/app?host=db1&host=db1:3306", "the same host twice"),
+        ("mysql+asyncmy://app:s3cret@/app?host=DB1&host=db1", "the same host twice"),
+        ("mysql+asyncmy://app:s3cret@/app?host=::1&host=db2", r"in brackets, e\.g\. host=\[::1\]"),
+        ("mysql+asyncmy://app:s3cret@/app?host=db1,db2", "one per host= parameter"),
+        ("mysql+asyncmy://app:s3cret@/app?host=%20db1&host=db2", "has spaces"),
+        ("mysql+asyncmy://app:s3cret@/app?host=db1:3306%20&host=db2", "has spaces"),
+        ("mysql+asyncmy://app:s3cret@/app?host=db1&host=db2&port=3307", "give each host its"),
     ],
 )
 def test_a_malformed_host_list_is_refused_without_the_password(url: str, message: str) -> None:
