@@ -22,12 +22,14 @@ import asyncio
 import logging
 import time
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IllegalStateChangeError, InvalidRequestError
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ._compat import statement_done
 from ._errors import describe
+from ._state import state_of
 from ._waits import bounded
 
 __all__ = ["ENDED", "busy_elsewhere", "reap"]
@@ -96,10 +98,22 @@ async def _reap(session: Session, bound: float) -> None:
 
 
 async def _statements_done(session: Session) -> None:
-    """Wait until no statement runs on the session's connections."""
+    """Wait until no statement runs on the session's connections, and no result of theirs
+    is still being read (``session.stream()``: the driver would drain it before the
+    ROLLBACK, while the other task reads the same rows)."""
     for conn in session.info.get(_CONNECTIONS, []):
         if not conn.closed and not conn.invalidated:
             await statement_done(conn.connection.dbapi_connection)
+    # Polled: the drivers signal nothing when a result has been read to its end.
+    while any(_streaming(conn) for conn in session.info.get(_CONNECTIONS, [])):  # noqa: ASYNC110
+        await asyncio.sleep(_RETRY_EVERY)
+
+
+def _streaming(conn: Connection) -> bool:
+    if conn.closed or conn.invalidated:
+        return False
+    state = state_of(conn.engine)
+    return state is not None and state.driver.streaming(conn.connection.driver_connection)
 
 
 def _reaped(task: asyncio.Task[None]) -> None:

@@ -121,6 +121,27 @@ async def test_a_task_that_uses_the_session_after_its_scope_ended(url: str) -> N
         await engine.dispose()
 
 
+async def test_a_result_streamed_after_the_scope_ended_is_read_whole(url: str) -> None:
+    """A session used after its scope ended to stream a result: the reaper waits for the
+    result to be read to its end before it closes the session (a ROLLBACK in between
+    corrupted the stream), then the connection comes back."""
+    engine = single(url)
+    try:
+        async with asyncgone.managed_session(engine) as session:
+            await session.execute(text("SELECT 1"))
+        result = await session.stream(text("SELECT seq FROM seq_1_to_50000"))
+        values = []
+        async for (value,) in result:
+            values.append(value)
+            if len(values) % 5000 == 0:
+                await asyncio.sleep(0.01)  # the reaper gets its turns meanwhile
+        assert values == list(range(1, 50001))
+        await eventually(lambda: checked_out(engine) == 0, 3)
+        await serve_five(engine)
+    finally:
+        await engine.dispose()
+
+
 async def test_a_sibling_cancelled_mid_checkout_leaks_no_pool_slot(url: str) -> None:
     """One of two tasks sharing the session is cancelled while it checks out; the other
     fails with the concurrency error. Nothing stays checked out."""
