@@ -197,12 +197,14 @@ class Database:
         """Create the engine and check that the server answers; return self.
 
         Bounded by ``connect_timeout + ping_timeout`` seconds (more for a multi-host URL:
-        its host search's deadline). A refusal (1040, 1203, 1129, a server not listening
-        yet) is tried again with a backoff for ``connect_retry`` seconds, and on one server
-        for at least ``connect_timeout`` seconds, with a last try at the end; never past
-        the bound, and not at all with ``connect_retry=None`` or ``0``. A host search tries
-        the next host instead, after ``connect_retry``. Raises ``DatabaseUnavailable``
-        naming the last error, and ``AsyncGoneError`` for a closed Database."""
+        its host search's deadline). A refusal (1040, 1203, 1129) is tried again with a
+        backoff for ``connect_retry`` seconds, and on one server for at least
+        ``connect_timeout`` seconds, with a last try at the end; never past the bound, and
+        not at all with ``connect_retry=None`` or ``0``. Nothing listening (2002/2003) is
+        raised at once: the engine never reached that server, and a wrong host or port is
+        likelier than a restart. A host search tries the next host instead, after
+        ``connect_retry``. Raises ``DatabaseUnavailable`` naming the last error, and
+        ``AsyncGoneError`` for a closed Database."""
         if self._lifecycle is _Lifecycle.CLOSED:
             raise AsyncGoneError(f"{self!r} was closed and cannot be reused; create a new one")
         if self._lifecycle is _Lifecycle.STARTED:
@@ -380,10 +382,8 @@ class Database:
         most = limits(engine).max_open
         if error is not None and most is not None and pool.checked_out >= most:
             # Not the server's fault: every connection the pool may open is in use.
-            error = (
-                f"no connection within {timeout:g} s: all {most} the pool may open "
-                f"(pool_size + max_overflow) are in use"
-            )
+            error = f"no connection within {timeout:g} s: all {most} the pool may open "
+            error += "(pool_size + max_overflow) are in use"
         return Health(
             ok=error is None,
             latency=latency,
