@@ -179,6 +179,17 @@ def _from_database_stack(exc: BaseException) -> bool:
     return False
 
 
+# Set on a replica's read-only refusal of a write (see mark_write_on_replica).
+_WRITE_ON_REPLICA = "asyncgone_write_on_replica"
+
+
+def mark_write_on_replica(exc: BaseException) -> None:
+    """Mark ``exc``, a replica's 1290/1836, as a write sent to a replica: no disconnect and
+    no outage, whatever its code says on a primary."""
+    setattr(exc, _WRITE_ON_REPLICA, True)
+    add_note(exc, "asyncgone: a write in a read_only session, which went to a replica")
+
+
 def disconnect_scope(exc: BaseException) -> Scope | None:
     """Return how far a disconnect reaches, or None when ``exc`` is not a disconnect."""
     if isinstance(exc, sa_exc.DisconnectionError):
@@ -202,6 +213,8 @@ def disconnect_scope(exc: BaseException) -> Scope | None:
             return Scope.CONNECTION
         return None
     code = error_code(exc)
+    if getattr(exc, _WRITE_ON_REPLICA, False):
+        return None
     if code is not None:
         if code in _SERVER_CODES or is_node_not_ready(exc):
             return Scope.SERVER

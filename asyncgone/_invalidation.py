@@ -33,6 +33,8 @@ from ._errors import (
     error_code,
     is_aftermath,
     is_node_not_ready,
+    is_read_only_refusal,
+    mark_write_on_replica,
 )
 from ._state import EngineState
 from ._stats import Reason
@@ -60,6 +62,11 @@ class ErrorHandling:
         error = ctx.original_exception
         if ctx.connection is None and not ctx.is_pre_ping:
             return None  # failed to connect: there is no pooled connection to replace
+        if self._state.options.target_role == "replica" and is_read_only_refusal(error):
+            # A write in a read_only session, which went to a replica: the application's
+            # mistake, not a server turned read-only by a failover (no outage, no retry).
+            mark_write_on_replica(error)
+            return None
         scope = disconnect_scope(error)
         if scope is None:
             if ctx.is_disconnect:  # a cancellation: SQLAlchemy discards this one connection

@@ -10,9 +10,11 @@ import anyio
 import anyio.to_thread
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import asyncgone
+from asyncgone._errors import error_code
 from asyncgone.testing import ReplicationTopology
 
 pytestmark = [pytest.mark.anyio, pytest.mark.topology]
@@ -220,3 +222,31 @@ async def test_a_stale_verdict_sends_read_only_work_to_the_primary(
                 await anyio.sleep(INTERVAL)
         assert await ports_read(db, 2) == {topology.primary.port}
         assert "no replica check" in routing.report()
+
+
+async def test_a_write_in_a_read_only_session_is_the_applications_error(
+    asyncgone_replication: ReplicationTopology, driver: str
+) -> None:
+    """A write that a read_only session sends to a replica is refused there (1290) as the
+    application's mistake: no disconnect and no outage (a 503 from the integrations), no
+    replay by run(), and the replica's connection is kept."""
+    topology = asyncgone_replication
+    calls = 0
+
+    async def write(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(text("CREATE TABLE ag_written_on_a_replica (id INT)"))
+
+    async with database(topology, driver) as db:
+        with pytest.raises(DBAPIError) as info:
+            async with db.session(read_only=True) as session:
+                await write(session)
+        assert error_code(info.value) in {1290, 1792}
+        assert not asyncgone.is_disconnect(info.value)
+        assert not asyncgone.is_unavailable(info.value)
+        with pytest.raises(DBAPIError):
+            await db.run(write, read_only=True)
+        assert calls == 2  # run() tried once
+        replica_engine = db._routing.engine  # type: ignore[union-attr]
+        assert asyncgone.stats(replica_engine).replaced == {}
