@@ -153,6 +153,12 @@ class Admission:
         self._hold_for = _HOLD_STEPS * backoff_max
         self._probing = False
 
+    @property
+    def holding(self) -> bool:
+        """Whether the pool's overflow is held below its configured limit (the server
+        refused connections for want of capacity)."""
+        return self._overflow_limit is not None
+
     def watch(self, engine: Engine) -> None:
         """Hold this (sync) engine's pool when the server is full (weakly referenced)."""
         self._engine = weakref.ref(engine)

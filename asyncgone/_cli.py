@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
 def _quiet_handshake_failures() -> None:
     """Keep the running loop from logging failed TLS handshakes with a traceback.
 
-    Python 3.10's asyncio logs one that fails with something other than an ``OSError`` (such
-    as aiomysql given the URL's TLS settings as a dict) at ERROR; the connect that started it
-    fails with the same error, which the command explains on one line.
+    Python 3.10's asyncio logs one that fails with something other than an ``OSError`` at
+    ERROR; the connect that started it fails with the same error, which the command
+    explains on one line.
     """
     loop = asyncio.get_running_loop()
 

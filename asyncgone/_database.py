@@ -23,7 +23,7 @@ from ._config import RunOptions, check_flag, seconds, split_options
 from ._engine import create_engine, first_connect_bound
 from ._errors import DEFAULT_RETRY_CODES, AsyncGoneError, DatabaseUnavailable, describe
 from ._keepalive import Keepalive
-from ._metrics import limits, pool_status
+from ._metrics import check_health, pool_status
 from ._routing import (
     DEFAULT_CAUSAL_READS_TIMEOUT,
     DEFAULT_MAX_REPLICA_LAG,
@@ -32,7 +32,8 @@ from ._routing import (
     RoutingOptions,
 )
 from ._run import run_unit
-from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope, check_session_options
+from ._session import DEFAULT_CLEANUP_TIMEOUT, SessionScope
+from ._session_options import check_session_options
 from ._state import EngineState, state_of, stats
 from ._stats import Health, Stats
 from ._url import mask, resolve_url
@@ -366,31 +367,7 @@ class Database:
             return JSONResponse(report.as_dict(), status_code=200 if report.ok else 503)
         """
         seconds("timeout", timeout)
-        engine = self.engine
-        started = time.monotonic()
-        error: str | None = None
-        try:
-            with anyio.fail_after(timeout):
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-        except TimeoutError:
-            error = f"no answer within {timeout:g} s"
-        except Exception as exc:
-            error = describe(exc)
-        latency = None if error else time.monotonic() - started
-        pool = pool_status(engine)
-        most = limits(engine).max_open
-        if error is not None and most is not None and pool.checked_out >= most:
-            # Not the server's fault: every connection the pool may open is in use.
-            error = f"no connection within {timeout:g} s: all {most} the pool may open "
-            error += "(pool_size + max_overflow) are in use"
-        return Health(
-            ok=error is None,
-            latency=latency,
-            error=error,
-            target=mask(self.url),
-            pool=pool,
-        )
+        return await check_health(self.engine, timeout, mask(self.url))
 
     def stats(self) -> Stats:
         """What asyncgone did on this Database's engine (see ``Stats``)."""

@@ -92,7 +92,8 @@ def create_engine(url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
         connect_timeout = connect_args["connect_timeout"] = options.connect_timeout
     if "async_creator" not in sa_kwargs and "creator" not in sa_kwargs:
         # A creator of the application's own decides what to connect with.
-        connect_args.update(checked_connect_args(resolved, connect_args))
+        plugins = bool(sa_kwargs.get("plugins"))
+        connect_args.update(checked_connect_args(resolved, connect_args, plugins=plugins))
     # Not given: asyncgone's "rollback when needed"; given: what SQLAlchemy documents.
     given = [sa_kwargs.pop("pool_reset_on_return")] if "pool_reset_on_return" in sa_kwargs else []
     mode = reset_mode(*given)

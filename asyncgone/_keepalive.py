@@ -137,9 +137,13 @@ class Keepalive:
         try:
             while True:
                 lowered.clear()
-                # asyncio's own TimeoutError: not yet the builtin one on Python 3.10.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(lowered.wait(), min(self.interval / 2, 3600.0))
+                # asyncio.wait, not wait_for: on Python 3.10 and 3.11 wait_for may swallow
+                # a cancellation that comes as the event is set (stop() would then wait).
+                waiting = loop.create_task(lowered.wait())
+                try:
+                    await asyncio.wait({waiting}, timeout=min(self.interval / 2, 3600.0))
+                finally:
+                    waiting.cancel()
                 try:
                     await self.run_once()
                 except Exception as exc:  # a round failed; the next one may not

@@ -38,7 +38,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event
+import anyio
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,8 +47,9 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, Qu
 
 from . import _compat
 from ._compat import max_overflow
+from ._errors import describe
 from ._state import EngineState, holder_of, state_of
-from ._stats import PoolStatus
+from ._stats import Health, PoolStatus
 
 __all__ = [
     "BUCKETS",
@@ -346,4 +348,34 @@ def pool_status(engine: AsyncEngine) -> PoolStatus:
         idle=idle - dead,
         overflow=max(pool.overflow(), 0),
         idle_dead=dead,
+    )
+
+
+async def check_health(engine: AsyncEngine, timeout: float, target: str) -> Health:  # noqa: ASYNC109
+    """``Database.health()``: a ``SELECT 1`` on a pooled connection within ``timeout``
+    seconds, its failure reported, never raised; ``target`` is the masked URL."""
+    started = time.monotonic()
+    error: str | None = None
+    before = pool_status(engine)  # what the others held: this check's connection is not
+    try:
+        with anyio.fail_after(timeout):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except TimeoutError:
+        error = f"no answer within {timeout:g} s"
+        most = limits(engine).max_open
+        state = state_of(engine)
+        holding = state is not None and state.admission is not None and state.admission.holding
+        if most is not None and before.checked_out >= most and not holding:
+            # Not the server's fault: every connection the pool may open was in use (a
+            # limit lowered because the server is full is the server's, though).
+            error = (
+                f"no connection within {timeout:g} s: all {most} the pool may open "
+                f"(pool_size + max_overflow) are in use"
+            )
+    except Exception as exc:
+        error = describe(exc)
+    latency = None if error else time.monotonic() - started
+    return Health(
+        ok=error is None, latency=latency, error=error, target=target, pool=pool_status(engine)
     )

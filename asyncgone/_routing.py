@@ -76,7 +76,7 @@ def _read_only_sessions(dbapi: Any, timeout: float) -> Callable[[Any, Any], None
     return listener
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RoutingOptions:
     """``Database``'s replica options, validated when made (also without ``replicas``).
 

@@ -134,7 +134,7 @@ def _budget(started: float, give_up_at: float, deadline: float) -> str:
     """The time the runner had, as its error message says it."""
     if give_up_at >= started + deadline:
         return f"{deadline:g} s"
-    return f"{max(0.0, give_up_at - started):.2g} s (the caller's cancel scope)"
+    return f"{round(max(0.0, give_up_at - started), 1):g} s (the caller's cancel scope)"
 
 
 def _unreplayable(

@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -35,7 +33,6 @@ from ._config import seconds
 from ._drivers import thread_id
 from ._errors import (
     CommitOutcomeUnknown,
-    ConfigurationError,
     add_note,
     is_disconnect,
     is_node_not_ready,
@@ -128,56 +125,6 @@ async def _lost_before_commit(session: AsyncSession) -> bool:
     return False
 
 
-# The keywords an AsyncSession over each Session class takes, once worked out.
-_KEYWORDS: dict[type[Session], frozenset[str] | None] = {}
-
-
-def _session_keywords(session_class: type[Session]) -> frozenset[str] | None:
-    """The keywords an ``AsyncSession`` over ``session_class`` takes (None: any)."""
-    if session_class in _KEYWORDS:
-        return _KEYWORDS[session_class]
-    keywords = _KEYWORDS[session_class] = _keywords_of(session_class)
-    return keywords
-
-
-def _keywords_of(session_class: type[Session]) -> frozenset[str] | None:
-    accepted: set[str] = set()
-    for function in (AsyncSession.__init__, session_class.__init__):
-        parameters = inspect.signature(function).parameters.values()
-        accepted.update(p.name for p in parameters if p.kind is not p.VAR_KEYWORD)
-        if function is not AsyncSession.__init__ and any(
-            p.kind is p.VAR_KEYWORD for p in parameters
-        ):
-            return None  # a Session subclass of the application's that takes anything
-    return frozenset(accepted - {"self"})
-
-
-def check_session_options(options: Mapping[str, Any]) -> None:
-    """Check ``AsyncSession`` keywords before any session is made.
-
-    Raises:
-        ConfigurationError: a keyword the session (or its ``sync_session_class``) does not
-            take, with the nearest one it does.
-    """
-    session_class = options.get("sync_session_class", Session)
-    if not isinstance(session_class, type) or not issubclass(session_class, Session):
-        raise ConfigurationError(
-            f"sync_session_class must be a subclass of sqlalchemy.orm.Session, got "
-            f"{session_class!r}"
-        )
-    accepted = _session_keywords(session_class)
-    if accepted is None:
-        return
-    for key in options:
-        if key not in accepted:
-            close = difflib.get_close_matches(key, sorted(accepted), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigurationError(
-                f"{key!r} is not a keyword AsyncSession takes{hint}: session options go to "
-                f"sqlalchemy.ext.asyncio.AsyncSession"
-            )
-
-
 class SessionScope:
     """A session with ``managed_session()`` semantics, for code that cannot use ``async with``.
 
@@ -208,7 +155,9 @@ class SessionScope:
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
     ) -> None:
         options = {**DEFAULT_SESSION_OPTIONS, **(session_options or {})}
-        options["sync_session_class"] = _tracking_class(options.get("sync_session_class", Session))
+        options["sync_session_class"] = _tracking_class(
+            options.get("sync_session_class") or Session
+        )
         self.engine = engine
         self._options = options
         self._cleanup_timeout = seconds("cleanup_timeout", cleanup_timeout)

@@ -25,9 +25,9 @@ _EXAMPLE = "mysql+asyncmy://user:password@host:3306/database"
 
 # Whatever looks like "name:secret@" in a string SQLAlchemy could not parse: masked before the
 # string is quoted in an error. Over-masking a malformed string is fine; leaking is not.
-_USERINFO = re.compile(r"([^\s:/@]+):[^@\s]*@")
+_USERINFO = re.compile(r"([^\s:/@]+):\S*@")  # greedy: a password may hold an @
 # The same after "//": the user name is what follows it (the scheme stays as written).
-_AUTHORITY_USERINFO = re.compile(r"(//[^\s:/@]*):[^@\s]*@")
+_AUTHORITY_USERINFO = re.compile(r"(//[^\s:/@]*):\S*@")
 # Query keys whose values are secrets (the drivers' password keys), and such a key's value
 # in a string that did not parse.
 _QUERY_SECRET_KEY = re.compile(r"passw(or)?d\d?", re.IGNORECASE)
@@ -57,7 +57,7 @@ def _password_from_query(url: URL) -> URL:
     given = url.query.get("password")
     if given is None:
         return url
-    if url.password is not None or not isinstance(given, str):
+    if url.password or not isinstance(given, str):  # an empty one before the @ is none
         raise ConfigurationError(
             f"the URL {mask(url)} gives more than one password: keep the one before the @"
         )

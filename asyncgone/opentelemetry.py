@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
@@ -74,6 +75,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import __version__, _metrics
 from ._database import Database
+from ._errors import ConfigurationWarning
 from ._metrics import BUCKETS, COUNTERS, PoolMetrics, limits, pool_status
 from ._state import EngineState, state_of
 
@@ -344,8 +346,11 @@ def instrument(
         ConfigurationError: ``target`` is an engine not made by
             ``asyncgone.create_engine()``.
         TypeError: ``target`` is neither an ``AsyncEngine`` nor a ``Database``.
-        ValueError: another engine is instrumented through the same meter provider under
-            this ``name`` (two engines on one host and database need names of their own).
+
+    Warns:
+        ConfigurationWarning: another engine is instrumented through the same meter
+            provider under this ``name`` (two engines on one host and database need names
+            of their own): their figures are summed.
     """
     if not isinstance(target, (AsyncEngine, Database)):
         raise TypeError(
@@ -360,9 +365,14 @@ def instrument(
     provider = get_meter_provider() if meter_provider is None else meter_provider
     instruments = _instruments_of(provider)
     if any(handle.name == name for handle in list(instruments.handles)):
-        # Their measurements would carry the same attributes and be summed as one pool's.
-        raise ValueError(
-            f"an engine named {name!r} is already instrumented through this meter provider; "
-            f"give each engine its own name="
+        # Their measurements carry the same attributes and are summed as one pool's. A
+        # warning, not an error: an engine made again (and its predecessor never
+        # uninstrumented) keeps its name.
+        warnings.warn(
+            f"an engine named {name!r} is already instrumented through this meter provider: "
+            f"their figures are summed; give each engine its own name=, and uninstrument() "
+            f"an engine that is gone",
+            ConfigurationWarning,
+            stacklevel=2,
         )
     return Instrumentation(target, name, instruments)

@@ -81,6 +81,7 @@ async def test_options_are_validated_at_construction() -> None:
             r"'expire_on_commit'\?\)",
         ),
         ({"session_options": {"sync_session_class": dict}}, r"sync_session_class must be"),
+        ({"session_options": {"bind": None}}, r"cannot give bind="),
     ],
 )
 def test_every_option_is_validated_also_when_it_does_not_apply_yet(
@@ -109,8 +110,8 @@ async def test_session_options_given_per_session_are_checked(url: str) -> None:
         with pytest.raises(ConfigurationError, match="did you mean 'autoflush'"):
             async with asyncgone.managed_session(db.engine, autoflsh=False):
                 pass
-        async with db.session(autoflush=False) as session:
-            assert session.autoflush is False
+        async with db.session(autoflush=False, sync_session_class=None) as session:
+            assert session.autoflush is False  # and None is SQLAlchemy's Session
         async with db.session(sync_session_class=Tagged, tag="t") as session:
             assert session.sync_session.info["tag"] == "t"
 

@@ -10,6 +10,8 @@ import anyio
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
+from sqlalchemy.dialects import plugins
+from sqlalchemy.engine import URL, CreateEnginePlugin
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -271,6 +273,34 @@ async def test_a_given_connect_timeout_bounds_the_background_host_connections(
             assert error_code(info.value) == 2003
         finally:
             await connections.close()
+            await engine.dispose()
+
+
+class TagPlugin(CreateEnginePlugin):
+    """A SQLAlchemy engine plugin taking its own key out of the URL, as plugins do."""
+
+    def __init__(self, url: URL, kwargs: dict[str, object]) -> None:
+        super().__init__(url, kwargs)
+        self.tag = url.query.get("ag_tag")
+
+    def update_url(self, url: URL) -> URL:
+        return url.difference_update_query(["ag_tag"])
+
+
+plugins.register("agtag", __name__, "TagPlugin")
+
+
+async def test_sqlalchemy_plugins_keep_their_keys_in_the_url(url: str) -> None:
+    """Keys a SQLAlchemy engine plugin takes out of the URL (``?plugin=`` or ``plugins=``)
+    are not checked against the driver's parameters: the engine works as without
+    asyncgone."""
+    for engine in (
+        asyncgone.create_engine(f"{url}?plugin=agtag&ag_tag=blue"),
+        asyncgone.create_engine(f"{url}?ag_tag=blue", plugins=["agtag"]),
+    ):
+        try:
+            assert await connection_id(engine) > 0
+        finally:
             await engine.dispose()
 
 

@@ -33,6 +33,7 @@ def test_malformed_url_does_not_echo_its_password() -> None:
     assert "hunter2" not in str(info.value)
     assert mask("mysql+asyncmy//admin:hunter2@db/app") == "mysql+asyncmy//admin:***@db/app"
     assert mask("weird://admin:hunter2@db:notaport/app") == "weird://admin:***@db:notaport/app"
+    assert mask("weird://admin:hun@ter2@db:x/app") == "weird://admin:***@db:x/app"
     assert "hunter2" not in mask("mysql+asyncmy:admin:hunter2@db/app")
 
 
@@ -81,6 +82,8 @@ def test_mask_hides_the_password() -> None:
         ("/test?ssl_cert=/nowhere/c.pem&ssl_key=/nowhere/k.pem", r"ssl_cert='/nowhere/c.pem'"),
         ("/test?ssl_capath=/nowhere", r"ssl_capath='/nowhere': no such directory"),
         ("/test?password=one", r"gives more than one password"),
+        ("/test?local_infile=maybe", r"a parameter in the URL is unusable"),
+        ("/test?ssl_mode=REQUIRED", r"'ssl_mode' .* \(TLS settings in the URL: ssl_ca,"),
     ],
 )
 @pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
