@@ -44,6 +44,7 @@ from ._watch import WATCHES, Closed, Poll, poll_once, watch_unknown
 __all__ = [
     "CursorCount",
     "DriverSupport",
+    "abandon_stream",
     "abort_connection",
     "connect_error",
     "drop_read_result",
@@ -360,6 +361,16 @@ def drop_read_result(conn: Any) -> None:
     result = getattr(conn, "_result", None)
     if result is not None and not getattr(result, "unbuffered_active", True):
         conn._result = None
+
+
+def abandon_stream(conn: Any) -> None:
+    """Mark the result ``conn`` was still reading as done, once ``conn`` is discarded:
+    asyncmy 0.2.10's result finishes an unfinished one when it is garbage-collected, by
+    calling a coroutine nobody awaits (a ``RuntimeWarning``), on a socket already closed."""
+    result = getattr(conn, "_result", None)
+    if result is not None and getattr(result, "unbuffered_active", False):
+        with contextlib.suppress(AttributeError, TypeError):  # a read-only attribute
+            result.unbuffered_active = False
 
 
 def is_tcp(sock: Any) -> bool:

@@ -30,7 +30,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._compat import statement_running
 from ._config import seconds
-from ._drivers import thread_id
+from ._drivers import abandon_stream, thread_id
 from ._errors import (
     CommitOutcomeUnknown,
     add_note,
@@ -329,6 +329,7 @@ async def _stop_streams(session: AsyncSession) -> None:
         if state.killer is not None:
             state.killer.stop(thread_id(raw), raw)
         await greenlet_spawn(conn.invalidate)
+        abandon_stream(raw)  # nothing left for the driver to read when it is collected
         log.debug("discarded a connection whose result was still being read")
 
 
