@@ -62,7 +62,8 @@ from sqlalchemy.pool import QueuePool
 
 from . import _compat
 from ._config import EngineOptions
-from ._connect_deadlines import Ends, connect_deadline, ends, retry_until, under_connect_deadline
+from ._connect_deadlines import connect_deadline, retry_until, under_connect_deadline
+from ._connect_deadlines import ends as connect_ends
 from ._drivers import DriverSupport, connect_error
 from ._errors import CAPACITY_CODES, SERVER_REFUSALS, error_code, is_refusal
 from ._stats import Counters
@@ -173,10 +174,6 @@ class Admission:
         ceiling = min(self.backoff_max, _BACKOFF_BASE * 2 ** min(self._streak, 30))
         return random.uniform(ceiling / 2, ceiling)
 
-    def _deadline(self, now: float) -> Ends:
-        """When this caller's waits end (see ``Ends``)."""
-        return ends(now, self.retry_for, self.turn_wait)
-
     async def connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt()`` (one driver connect) when admitted; retry refusals (see the
         module docstring) and return the connection, or raise the last error."""
@@ -188,7 +185,7 @@ class Admission:
 
     async def _connect(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         counters = self._counters
-        ends = self._deadline(time.monotonic())
+        ends = connect_ends(time.monotonic(), self.retry_for, self.turn_wait)
         refusal: Exception | None = None  # the server's last refusal of this caller
         while True:
             # A turn is waited for as a checkout waits for a connection; once refused, the

@@ -32,7 +32,7 @@ from ._errors import describe
 from ._state import state_of
 from ._waits import bounded
 
-__all__ = ["ENDED", "busy_elsewhere", "reap"]
+__all__ = ["ENDED", "busy_elsewhere", "reap", "streaming"]
 
 log = logging.getLogger("asyncgone")
 
@@ -105,8 +105,14 @@ async def _statements_done(session: Session) -> None:
         if not conn.closed and not conn.invalidated:
             await statement_done(conn.connection.dbapi_connection)
     # Polled: the drivers signal nothing when a result has been read to its end.
-    while any(_streaming(conn) for conn in session.info.get(_CONNECTIONS, [])):  # noqa: ASYNC110
+    while streaming(session):  # noqa: ASYNC110
         await asyncio.sleep(_RETRY_EVERY)
+
+
+def streaming(session: Session) -> bool:
+    """Whether a result of one of the session's connections (``session.stream()``, a
+    server-side cursor) is still being read."""
+    return any(_streaming(conn) for conn in session.info.get(_CONNECTIONS, []))
 
 
 def _streaming(conn: Connection) -> bool:

@@ -39,7 +39,7 @@ from ._errors import (
     is_read_only_refusal,
 )
 from ._groups import register
-from ._reaper import ENDED, busy_elsewhere, reap
+from ._reaper import ENDED, busy_elsewhere, reap, streaming
 from ._state import state_of
 from ._url import mask
 from ._waits import finish
@@ -222,14 +222,7 @@ class SessionScope:
     def streaming(self) -> bool:
         """Whether a result of the session (``session.stream()``, a server-side cursor) is
         still being read: ending the session now would drain or discard its rows."""
-        session = self._session
-        if session is None:
-            return False
-        for conn in session.info.get(_CONNECTIONS, []):
-            state = None if conn.closed or conn.invalidated else state_of(conn.engine)
-            if state is not None and state.driver.streaming(conn.connection.driver_connection):
-                return True
-        return False
+        return self._session is not None and streaming(self._session.sync_session)
 
     def stop_statements(self) -> None:
         """Stop, with ``KILL QUERY``, what the session's connections run right now (a
