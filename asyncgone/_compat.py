@@ -14,7 +14,8 @@ tested.
   ``checkout`` event instead, at about 10 000 more instructions per checkout. With
   QueuePool's ``_do_return_conn`` and ``_dec_overflow`` also a return step that may close
   an overflow connection for good, as QueuePool's own does when the pool is full
-  (``_giveback``); without them nothing is given back.
+  (``_giveback``); without them nothing is given back. The asyncio pool's idle queue is
+  also taken from and put back into directly (``_takes_directly``), where its shape allows.
 - a pooled connection's record (``_ConnectionFairy._connection_record``), for the return
   path's per-connection state: without it every return rolls back.
 - anyio's cancel scopes: whether a cancellation will be delivered again by the scope that
@@ -26,6 +27,7 @@ tested.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -37,6 +39,7 @@ import anyio
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
 from sqlalchemy.pool.base import _ConnectionRecord
+from sqlalchemy.util.queue import AsyncAdaptedQueue
 
 __all__ = [
     "CHECK_ATTRIBUTE",
@@ -190,6 +193,43 @@ GIVE_BACK_ATTRIBUTE = "_asyncgone_give_back"
 _checking_classes: dict[type[Pool], type[Pool] | None] = {}
 
 
+def _takes_directly(base: type[Pool]) -> bool:
+    """Whether the checking subclass of ``base`` takes and returns idle records itself.
+
+    SQLAlchemy's ``AsyncAdaptedQueuePool`` keeps them in an ``asyncio.Queue`` (``LifoQueue``
+    with ``pool_use_lifo``) made on first use (``AsyncAdaptedQueue._queue``), reached through
+    16 calls per unit of work. The subclass does what ``get_nowait()`` and ``put_nowait()``
+    do on its storage (``_queue``), ``_maxsize`` and waiting getters (``_getters``, woken
+    with ``_wakeup_next``), Python 3.10 to 3.13 alike, but for what SQLAlchemy never uses
+    (putters, unfinished tasks). An empty or full queue, a checkout while others wait
+    (SQLAlchemy 2.0 lets a woken waiter go first on Python 3.10 and 3.11) and a pool class
+    with its own ``_do_get`` or ``_do_return_conn`` take SQLAlchemy's own steps.
+    """
+    if (
+        getattr(base, "_queue_class", None) is not AsyncAdaptedQueue
+        or getattr(base, "_do_get", None) is not QueuePool._do_get
+        or getattr(base, "_do_return_conn", None) is not QueuePool._do_return_conn
+    ):
+        return False  # another queue, or an application's own steps: those run
+    try:
+        fifo: Any = AsyncAdaptedQueue(1)._queue
+        lifo: Any = AsyncAdaptedQueue(1, use_lifo=True)._queue
+    except Exception:
+        return False
+    return (
+        type(fifo) is asyncio.Queue
+        and type(getattr(fifo, "_queue", None)) is collections.deque
+        and type(lifo) is asyncio.LifoQueue
+        and type(getattr(lifo, "_queue", None)) is list
+        and all(
+            type(getattr(queue, "_getters", None)) is collections.deque
+            and getattr(queue, "_maxsize", None) == 1
+            and callable(getattr(queue, "_wakeup_next", None))
+            for queue in (fifo, lifo)
+        )
+    )
+
+
 def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
     """A subclass of the pool class ``base`` whose checkouts run the check its dialect
     holds (``CHECK_ATTRIBUTE``: ``check(pool, record, began)``) on the record taken for
@@ -222,14 +262,21 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
         _checking_classes[base] = None
         return None
     monotonic = time.monotonic
+    direct = _takes_directly(base)
 
-    def _do_get(self: Pool) -> ConnectionPoolEntry:
+    def _do_get(self: Any) -> ConnectionPoolEntry:
         began = monotonic()
-        record: ConnectionPoolEntry = do_get(self)
+        record: ConnectionPoolEntry
+        if direct and not (queue := (idle := self._pool)._queue)._getters and queue._queue:
+            # An idle record, taken as the queue's get_nowait() would (see _takes_directly);
+            # with checkouts waiting, SQLAlchemy's own step decides who gets it.
+            record = queue._queue.pop() if idle.use_lifo else queue._queue.popleft()
+        else:
+            record = do_get(self)
         # CHECK_ATTRIBUTE read as a plain attribute, which CPython specialises: getattr()
         # would look the name up on the dialect's class at every checkout.
         try:
-            check = self._dialect._asyncgone_checkout_check  # type: ignore[union-attr]
+            check = self._dialect._asyncgone_checkout_check
         except AttributeError:
             return record  # not an asyncgone engine's dialect (yet): nothing to check
         try:
@@ -253,7 +300,16 @@ def checking_pool_class(base: type[Pool]) -> type[Pool] | None:
             except AttributeError:
                 give_back = None
             if give_back is None or not give_back(self):
-                do_return(self, record)
+                if direct:
+                    idle = self._pool._queue
+                    items = idle._queue
+                    if idle._maxsize <= 0 or len(items) < idle._maxsize:
+                        # As the queue's put_nowait() would, a waiting checkout woken.
+                        items.append(record)
+                        if idle._getters:
+                            idle._wakeup_next(idle._getters)
+                        return
+                do_return(self, record)  # full: QueuePool closes it
                 return
             # Closed for good, as QueuePool does with a connection that finds it full; the
             # count first, as closing may wait (COM_QUIT) while other returns ask.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
 import asyncgone
@@ -481,3 +481,23 @@ async def test_the_drivers_cursor_answers_as_before_however_it_is_called(
         with pytest.raises(TypeError):
             raw.cursor(no_such_argument=1)
         assert counts.count == before + len(calls) + 1
+
+
+@pytest.mark.parametrize("skip", [False, True])
+async def test_skip_autocommit_rollback_is_kept(url: str, skip: bool) -> None:
+    """Under AUTOCOMMIT, ``skip_autocommit_rollback=True`` keeps a Connection's rollbacks
+    from reaching the server, as on plain SQLAlchemy; without it each one does."""
+    sent = []
+    for make in (create_async_engine, asyncgone.create_engine):
+        engine = make(url, isolation_level="AUTOCOMMIT", skip_autocommit_rollback=skip)
+        try:
+            async with engine.connect() as conn:
+                status = text("SHOW SESSION STATUS LIKE 'Com_rollback'")
+                before = int((await conn.execute(status)).one()[1])
+                for _ in range(3):
+                    await conn.execute(text("SELECT 1"))
+                    await conn.rollback()
+                sent.append(int((await conn.execute(status)).one()[1]) - before)
+        finally:
+            await engine.dispose()
+    assert sent == ([0, 0] if skip else [3, 3])
