@@ -163,7 +163,8 @@ async def test_a_checkout_waiting_on_a_full_pool_gets_the_returned_connection(ur
 
 async def test_a_woken_waiter_cancelled_passes_the_connection_to_the_next(url: str) -> None:
     """Two checkouts wait on a full pool; the first is cancelled right after the return
-    woke it: the second gets the connection, none is lost, as with plain SQLAlchemy."""
+    woke it: the second still gets the connection, none is lost, as with plain
+    SQLAlchemy."""
 
     async def scenario(engine: AsyncEngine) -> list[Any]:
         pool: Any = engine.sync_engine.pool
@@ -185,7 +186,11 @@ async def test_a_woken_waiter_cancelled_passes_the_connection_to_the_next(url: s
         return [got, type(results[0]).__name__, pool.checkedin(), pool.checkedout()]
 
     plain, ours = await both(url, scenario, pool_size=1, max_overflow=0, pool_timeout=20)
-    assert plain == ours == [1, "CancelledError", 1, 0]
+    assert plain == ours
+    assert [ours[0], *ours[2:]] == [1, 1, 0]
+    # SQLAlchemy 2.0 waits through asyncio.wait_for(), whose task on Python 3.10 may finish
+    # the first checkout anyway (it had the connection already); then it is returned too.
+    assert ours[1] in ("CancelledError", "int")
 
 
 @pytest.mark.parametrize("pool_size", [0, 2])
