@@ -307,10 +307,12 @@ def _counting_cursor(conn: Any) -> CursorCount:
 
     def counted(kind: Any = _NO_KIND, /, *args: Any, **kwargs: Any) -> Any:
         counts.count += 1
-        if args or kwargs or kind is _NO_KIND:
-            return cursor(ref(), *() if kind is _NO_KIND else (kind,), *args, **kwargs)
-        # SQLAlchemy's adapters pass one cursor class: a plain call, which CPython does
-        # without unpacking the arguments again.
+        # What SQLAlchemy's adapters call, a bare cursor() (asyncmy) or one cursor class
+        # (aiomysql), is a plain call, which CPython makes without unpacking arguments.
+        if kind is _NO_KIND:
+            return cursor(ref(), **kwargs) if kwargs else cursor(ref())
+        if args or kwargs:
+            return cursor(ref(), kind, *args, **kwargs)
         return cursor(ref(), kind)
 
     counted.counts = counts  # type: ignore[attr-defined]
