@@ -161,7 +161,7 @@ class EngineOptions:
       set ``connect_timeout`` themselves).
     - ``tcp_keepalive``: ``TCPKeepalive`` settings, or ``None`` to keep the kernel's.
     - ``kill_on_cancel``: when a cancellation abandons a running statement, stop it on the
-      server with ``KILL QUERY`` so it does not run on holding its locks.
+      server with ``KILL CONNECTION`` so it does not run on holding its locks.
     - ``keepalive_interval``: idle seconds after which the keepalive (``keepalive()``,
       ``Database(keepalive=True)``) pings a connection; ``"auto"`` derives it.
     - ``network_idle_limit``: seconds of silence after which the network between client and

@@ -2,7 +2,7 @@
 
 - engine ``do_connect``: route the driver's connect through a connector bounded by
   ``connect_timeout`` (handshake included), and remember the connect parameters for the
-  ``KILL QUERY`` connection (``_cancel``);
+  ``KILL`` connection (``_cancel``);
 - pool ``connect``: set TCP keepalive on the socket, ask the server for this connection's
   limits (``_server.read_facts``: one query, which also serves the idle limit, the recycle
   warning and the keepalive's automatic interval), and give the connection its holder: its

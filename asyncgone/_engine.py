@@ -3,7 +3,7 @@
 It validates asyncgone's options, creates the engine, makes its ``EngineState`` and installs
 one listener object per hook: connect setup (``_connect``), the checkout check
 (``_checkout``), the reset decision (``_reset``), error handling (``_invalidation``), the
-closing guard (``_closing``), and, when asked for, ``KILL QUERY`` after cancellations
+closing guard (``_closing``), and, when asked for, a ``KILL`` after cancellations
 (``_cancel``) and leak detection (``_leaks``).
 """
 

@@ -103,7 +103,7 @@ COUNTERS = {
     "kills": (
         "asyncgone.statements_killed",
         "{statement}",
-        "Statements stopped with KILL QUERY after a cancellation.",
+        "Statements stopped with KILL after a cancellation.",
     ),
     "resets": (
         "asyncgone.resets",

@@ -304,7 +304,7 @@ class SessionScope:
 
 async def _stop_streams(session: AsyncSession) -> None:
     """Stop results the session is still reading (``session.stream()``, server-side
-    cursors): ``KILL QUERY``, then discard the connection.
+    cursors): ``KILL CONNECTION``, then discard the connection.
 
     A ROLLBACK on such a connection would first read every remaining row of the result (the
     drivers drain it before sending anything), and the statement would run on meanwhile. The
@@ -320,7 +320,7 @@ async def _stop_streams(session: AsyncSession) -> None:
         if state is None or not state.driver.streaming(raw):
             continue
         if state.killer is not None:
-            state.killer.stop(thread_id(raw), raw)
+            state.killer.stop(thread_id(raw), raw, connection=True)
         await greenlet_spawn(conn.invalidate)
         abandon_stream(raw)  # nothing left for the driver to read when it is collected
         log.debug("discarded a connection whose result was still being read")

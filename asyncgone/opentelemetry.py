@@ -45,7 +45,7 @@ asyncgone's own figures, under ``asyncgone.``, are asynchronous counters read at
 ``asyncgone.ping_failures``, ``asyncgone.connections.replaced`` (attribute
 ``asyncgone.reason``, a ``Reason`` value), ``asyncgone.disconnect_errors`` (attribute
 ``db.response.status_code``, the MySQL error number; ``"0"`` when there is none),
-``asyncgone.pool_invalidations``, ``asyncgone.statements_killed`` (KILL QUERY sent),
+``asyncgone.pool_invalidations``, ``asyncgone.statements_killed`` (KILLs sent),
 ``asyncgone.resets``, ``asyncgone.resets_skipped``, ``asyncgone.keepalive.runs``,
 ``asyncgone.keepalive.visits``, ``asyncgone.keepalive.pings``, ``asyncgone.keepalive.errors``,
 ``asyncgone.replays``, ``asyncgone.commit_outcome_unknown``, ``asyncgone.unavailable``,

@@ -27,7 +27,7 @@ asyncgone_ping_failures_total               counter    pings that failed or time
 asyncgone_connections_replaced_total        counter    connections replaced, label ``reason``
 asyncgone_disconnect_errors_total           counter    disconnects met in use, label ``code``
 asyncgone_pool_invalidations_total          counter    pool-wide invalidations
-asyncgone_statements_killed_total           counter    KILL QUERY after a cancellation
+asyncgone_statements_killed_total           counter    KILL after a cancellation
 asyncgone_resets_total                      counter    ROLLBACKs sent on return to the pool
 asyncgone_resets_skipped_total              counter    returns that needed no ROLLBACK
 asyncgone_keepalive_runs_total              counter    keepalive rounds

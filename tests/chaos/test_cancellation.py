@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,9 +19,13 @@ from typing import Any
 import anyio
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncgone
+from asyncgone._cancel import drain
+from asyncgone._drivers import thread_id
+from asyncgone._state import state_of
 from asyncgone.testing import FaultProxy
 from tests._support import Server, wait_until
 
@@ -199,3 +204,55 @@ async def test_cancellation_leaves_nothing_behind(
     # The pool still works after all that.
     async with asyncgone.managed_session(engine) as session:
         assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+@pytest.mark.parametrize("connection", [True, False])
+async def test_a_kill_that_lands_before_its_statement(
+    url: str, shared: Server, connection: bool
+) -> None:
+    """A KILL that reaches the server before the abandoned statement begins: KILL CONNECTION
+    (what a discarded connection gets) still stops it, KILL QUERY (kept for connections
+    their task goes on using) does not: the server drops a KILL QUERY on an idle thread."""
+    engine = asyncgone.create_engine(url, pool_size=1)
+    state = state_of(engine)
+    assert state is not None
+    assert state.killer is not None
+    try:
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            thread = thread_id(raw)
+            assert thread in shared.threads()
+            state.killer.stop(thread, raw, connection=connection)
+            await drain(engine, 10)
+            assert asyncgone.stats(engine).kills == 1
+            if connection:
+                await wait_until(lambda: thread not in shared.threads())
+                with pytest.raises(DBAPIError):
+                    await conn.execute(text("SELECT SLEEP(1)"))
+            else:
+                # SLEEP() returns 1 when a KILL interrupts it: this one ran to its end.
+                assert (await conn.execute(text("SELECT SLEEP(0.2)"))).scalar_one() == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_statement_gets_kill_connection(
+    url: str, shared: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection of a statement a cancellation interrupted is discarded, so its KILL is
+    KILL CONNECTION: it stops the statement however early it lands."""
+    engine = asyncgone.create_engine(url, pool_size=1)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncgone"):
+            async with engine.connect() as conn:
+                thread = thread_id((await conn.get_raw_connection()).driver_connection)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(conn.execute(text("SELECT SLEEP(20)")), 0.5)
+            await drain(engine, 10)
+        assert asyncgone.stats(engine).kills == 1
+        assert f"stopped the statement abandoned on connection {thread}: KILL CONNECTION" in (
+            caplog.text
+        )
+        await wait_until(lambda: thread not in shared.threads())
+    finally:
+        await engine.dispose()
