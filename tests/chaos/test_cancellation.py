@@ -246,7 +246,8 @@ async def test_a_cancelled_statement_gets_kill_connection(
         with caplog.at_level(logging.DEBUG, logger="asyncgone"):
             async with engine.connect() as conn:
                 thread = thread_id((await conn.get_raw_connection()).driver_connection)
-                with pytest.raises(TimeoutError):
+                # asyncio.TimeoutError: on Python 3.10 not yet the builtin TimeoutError.
+                with pytest.raises(asyncio.TimeoutError):
                     await asyncio.wait_for(conn.execute(text("SELECT SLEEP(20)")), 0.5)
             await drain(engine, 10)
         assert asyncgone.stats(engine).kills == 1
