@@ -26,7 +26,6 @@ import os
 import re
 import sys
 from types import CodeType
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -47,7 +46,7 @@ async def run(engine: AsyncEngine, units: int) -> None:
 
 async def count(engine: AsyncEngine, units: int) -> collections.Counter[CodeType]:
     """Bytecode instructions run by each code object over ``units`` units."""
-    monitoring: Any = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    monitoring = sys.monitoring
     seen: collections.Counter[CodeType] = collections.Counter()
 
     def on_instruction(code: CodeType, offset: int) -> None:
