@@ -9,8 +9,9 @@ account without administrative privileges (so without the connection MariaDB kee
 ``SUPER``/``CONNECTION ADMIN``), then six worker processes, each a
 ``Database(pool_size=4, max_overflow=2)`` whose eight tasks run short units of work through
 ``Database.run()``: the pools (24) fit, not every overflow (36 in all). The load starts once
-every process has started (``--staggered``: as soon as each has, so the last ones start
-against a server the first ones already fill). Once the fleet is warm the server is killed
+every process has started (``--staggered``: the processes start one a second, each
+starting its load as soon as it has started, so the last ones start against a server the
+first ones already fill). Once the fleet is warm the server is killed
 with SIGKILL and started again under load; the workers keep going for a while and report.
 
 Figures, per run: units completed and failed, processes that gave up, the seconds each
@@ -50,6 +51,7 @@ MAX_CONNECTIONS = 28
 TASKS = 8  # per process: more than pool_size + max_overflow, so the overflow is wanted
 THINK = 0.0  # seconds a task pauses between units, at most: none, the load never lets up
 WARM = 3.0  # seconds of load before the crash
+STAGGER = 1.0  # --staggered: seconds between two processes' starts
 AFTER = 15.0  # seconds of load after the server accepts connections again
 STATUS = ("Connection_errors_max_connections", "Aborted_connects", "Connections")
 MODES = {
@@ -197,9 +199,11 @@ def run_fleet(
         if staggered:  # each process starts its load as soon as it has started
             stop.with_name("go").touch()
         command = [sys.executable, __file__, "--worker", url, "--mode", mode, "--stop", str(stop)]
-        workers = [
-            subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)
-        ]
+        workers = []
+        for number in range(processes):
+            if staggered and number:  # the later ones find the earlier ones' load running
+                time.sleep(STAGGER)
+            workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
         firsts = []
         try:
             for proc in workers:  # each says "ready" once started (or reports, having failed)
@@ -284,7 +288,7 @@ def main() -> None:
     parser.add_argument(
         "--staggered",
         action="store_true",
-        help="each process starts its load once it has started, not once all have",
+        help="start the processes one a second, each starting its load at once",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--stop", help=argparse.SUPPRESS)
