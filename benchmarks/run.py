@@ -6,9 +6,12 @@
 
 For each driver, concurrency and unit of work it runs every engine kind in turn, several
 rounds interleaved so that drift on a noisy machine spreads over all of them, and reports
-the median throughput and its ratio to plain ``create_async_engine``, the client's CPU time
-per unit (less noisy than throughput when client and server share a machine), and the server
-commands per unit read from the server's own status counters (``Questions``,
+the median throughput; its ratio to plain ``create_async_engine``, taken round by round
+(each engine against the plain engine's run of the same round, a few seconds apart, so
+that drift between rounds cancels out) with the median and the lowest and highest of those
+ratios; the client's CPU time per unit (less noisy than throughput when client and server
+share a machine); and the server commands per unit read from the server's own status
+counters (``Questions``,
 ``Com_admin_commands``, ``Com_rollback``, ``Com_commit``). A disposable server (the
 default) is the only way those counters see nothing but the benchmark.
 """
@@ -192,19 +195,21 @@ async def run_cell(
 
 def table(results: list[tuple[str, int, str, dict[str, Cell]]]) -> str:
     lines = [
-        "| driver | workers | unit of work | engine | units/s | vs SQLAlchemy | client CPU µs/unit "
-        "| commands/unit | pings | rollbacks | commits |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| driver | workers | unit of work | engine | units/s | vs SQLAlchemy | lowest, highest "
+        "| client CPU µs/unit | commands/unit | pings | rollbacks | commits |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for driver, concurrency, unit_name, cells in results:
-        base = statistics.median(cells["sqlalchemy"].rates)
+        base = cells["sqlalchemy"].rates
         for kind in ENGINES:
             cell = cells[kind]
             rate = statistics.median(cell.rates)
+            ratios = [mine / plain for mine, plain in zip(cell.rates, base, strict=True)]
             c = cell.commands
             lines.append(
                 f"| {driver} | {concurrency} | {unit_name} | {kind} | {rate:,.0f} | "
-                f"{rate / base:.2f} | {statistics.median(cell.cpu):.0f} | "
+                f"{statistics.median(ratios):.2f} | {min(ratios):.2f}, {max(ratios):.2f} | "
+                f"{statistics.median(cell.cpu):.0f} | "
                 f"{c['Questions'] + c['Com_admin_commands']:.2f} | "
                 f"{c['Com_admin_commands']:.2f} | {c['Com_rollback']:.2f} | {c['Com_commit']:.2f} |"
             )
@@ -237,7 +242,8 @@ async def main(args: argparse.Namespace) -> str:
         f"Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
         f"aiomysql {version('aiomysql')}, asyncmy {version('asyncmy')}, "
         f"{'a disposable MariaDB' if args.url is None else 'the given server'}; "
-        f"{args.rounds} rounds of {args.seconds:g} s per cell, median shown."
+        f"{args.rounds} rounds of {args.seconds:g} s per cell; medians, and each round's "
+        "ratio to plain SQLAlchemy's run of that round."
     )
     return header + "\n\n" + table(results) + "\n"
 
