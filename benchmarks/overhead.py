@@ -1,6 +1,7 @@
 """Client CPU per unit of work: what asyncgone's own code costs, without server noise.
 
-    python benchmarks/overhead.py [--url URL] [--units 20000] [--drivers aiomysql,asyncmy]
+    python benchmarks/overhead.py [--url URL] [--units 20000] [--pairs 5]
+                                  [--drivers aiomysql,asyncmy] [--breakdown]
 
 Runs the same unit (check out a pooled connection, ``SELECT 1``, return it) on a plain
 ``create_async_engine`` and on ``asyncgone.create_engine``, alternating unit by unit, and
@@ -11,9 +12,15 @@ asyncgone's own work at checkout, statement and return.
 
 Alternating single units (rather than rounds of many) puts both engines under the same
 machine conditions at every moment, and the medians of many short samples ignore the
-interruptions that make rounds noisy. Reported per driver: the median CPU per unit of each
-engine, the difference of the medians, and a 95 % interval for it from resampling the
-units (bootstrap).
+interruptions that make rounds noisy. What they do not average out is where a pair of
+engines' objects land in memory, which moves the difference by a microsecond from one
+pair to the next: so the units are split over ``--pairs`` pairs of engines (5), each made
+afresh. Reported per driver: the median CPU per unit of each engine over all units, the
+median of the pairs' differences with the lowest and highest of them, and a 95 % interval
+for the difference from resampling all units (bootstrap), which says how well the units
+pin it down, not how far another pair of engines would move it. A process's own layout
+(its hash seed, where the interpreter put its objects) moves all its pairs together, by
+about a microsecond between two runs of the same code: compare several runs.
 
 ``--breakdown`` also measures asyncgone engines with one part switched off at a time (by
 replacing asyncgone internals for the measurement only; such an engine is not safe to use):
@@ -106,31 +113,45 @@ async def measure(url: str, units: int, parts: tuple[str, ...] = ()) -> tuple[li
         await ours.dispose()
 
 
+async def paired(
+    url: str, units: int, pairs: int, parts: tuple[str, ...] = ()
+) -> tuple[list[int], list[int], list[float]]:
+    """``measure()`` over ``pairs`` fresh pairs of engines sharing ``units``: all units of
+    each kind, and each pair's difference of medians in microseconds."""
+    plain: list[int] = []
+    ours: list[int] = []
+    differences: list[float] = []
+    for _ in range(pairs):
+        a, b = await measure(url, units // pairs, parts)
+        plain += a
+        ours += b
+        differences.append((statistics.median(b) - statistics.median(a)) / 1000)
+    return plain, ours, differences
+
+
 async def main(args: argparse.Namespace) -> None:
     for driver in args.drivers:
         url = make_url(args.url).set(drivername=f"mysql+{driver}")
-        plain, ours = await measure(url.render_as_string(hide_password=False), args.units)
+        target = url.render_as_string(hide_password=False)
+        plain, ours, pairs = await paired(target, args.units, args.pairs)
         low, high = interval(plain, ours)
         median_plain = statistics.median(plain) / 1000
         median_ours = statistics.median(ours) / 1000
-        full = median_ours - median_plain
+        full = statistics.median(pairs)
         print(
             f"{driver}: sqlalchemy {median_plain:.1f} µs/unit, asyncgone {median_ours:.1f} "
-            f"µs/unit, difference {full:+.1f} µs (95 % interval "
+            f"µs/unit, difference {full:+.1f} µs (median of {len(pairs)} pairs of engines, "
+            f"from {min(pairs):+.1f} to {max(pairs):+.1f}; 95 % interval of all units "
             f"{low:+.1f} to {high:+.1f}; {len(plain)} units each)",
             flush=True,
         )
         for part in PARTS if args.breakdown else ():
-            plain, ours = await measure(
-                url.render_as_string(hide_password=False), args.units, (part,)
-            )
-            rest = statistics.median(ours) / 1000 - statistics.median(plain) / 1000
+            rest = statistics.median((await paired(target, args.units, args.pairs, (part,)))[2])
             print(f"  {part}: {full - rest:+.1f} µs (without it {rest:+.1f})", flush=True)
         if args.breakdown:
-            plain, ours = await measure(
-                url.render_as_string(hide_password=False), args.units, tuple(PARTS)
+            rest = statistics.median(
+                (await paired(target, args.units, args.pairs, tuple(PARTS)))[2]
             )
-            rest = statistics.median(ours) / 1000 - statistics.median(plain) / 1000
             print(f"  without all four: {rest:+.1f} µs", flush=True)
 
 
@@ -139,6 +160,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--url", default="mysql://root@127.0.0.1:3306/test")
     parser.add_argument("--drivers", type=lambda s: s.split(","), default=["aiomysql", "asyncmy"])
     parser.add_argument("--units", type=int, default=20000)
+    parser.add_argument("--pairs", type=int, default=5, help="pairs of engines to split them over")
     parser.add_argument("--breakdown", action="store_true", help="cost of each part too")
     return parser.parse_args(argv)
 
