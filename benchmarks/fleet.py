@@ -199,13 +199,13 @@ def run_fleet(
         if staggered:  # each process starts its load as soon as it has started
             stop.with_name("go").touch()
         command = [sys.executable, __file__, "--worker", url, "--mode", mode, "--stop", str(stop)]
-        workers = []
-        for number in range(processes):
-            if staggered and number:  # the later ones find the earlier ones' load running
-                time.sleep(STAGGER)
-            workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        workers: list[subprocess.Popen[str]] = []
         firsts = []
         try:
+            for number in range(processes):
+                if staggered and number:  # the later ones find the earlier ones' load running
+                    time.sleep(STAGGER)
+                workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
             for proc in workers:  # each says "ready" once started (or reports, having failed)
                 assert proc.stdout is not None
                 firsts.append(proc.stdout.readline())
