@@ -38,7 +38,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.util import greenlet_spawn
 
 from ._compat import drop_closed_loop_socket, running_loop
-from ._waits import bounded
+from ._waits import LOOP_CLOCK_TICK, bounded
 from ._watch import WATCHES, Closed, Poll, poll_once, watch_unknown
 
 __all__ = [
@@ -60,8 +60,6 @@ log = logging.getLogger("asyncgone")
 
 _SERVER_STATUS_IN_TRANS = 1
 
-# The step of uvloop's loop.time(), in seconds (asyncio's is finer).
-_LOOP_CLOCK_TICK = 0.001
 
 _KNOWN = ("aiomysql", "asyncmy")
 
@@ -201,7 +199,7 @@ class DriverSupport:
         # Both drivers stamp loop.time(); asyncio's and uvloop's clocks are monotonic, but
         # not promised to share time.monotonic()'s origin: convert through the current offset,
         # less uvloop's tick (its clock moves in milliseconds): never later than the truth.
-        return usage - float(loop.time()) + time.monotonic() - _LOOP_CLOCK_TICK
+        return usage - float(loop.time()) + time.monotonic() - LOOP_CLOCK_TICK
 
     # -- sockets and closing -----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ unavailable for now (a failover in progress), and wait or fail as they do for on
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -40,7 +41,7 @@ from ._errors import describe, is_node_not_ready, is_unavailable
 from ._hosts import HostAddress, TargetRole, role_fits
 from ._server import ServerFacts, read_facts
 from ._statements import close, execute
-from ._waits import bounded
+from ._waits import LOOP_CLOCK_TICK, bounded
 
 if TYPE_CHECKING:
     from ._state import ConnectionHolder, EngineState
@@ -159,13 +160,16 @@ class HostSearch:
         return search
 
     async def _search(self, connect: Connector, args: Any, kwargs: dict[str, Any]) -> Any:
-        started = time.monotonic()
-        give_up_at = started + self.deadline
+        # On the loop's clock, which the attempts' timeouts fire by: on time.monotonic()'s,
+        # an attempt cut at the deadline by uvloop could leave a sliver of it, and the next
+        # host would be tried in that sliver and reported unreachable.
+        clock = asyncio.get_running_loop().time
+        give_up_at = clock() + self.deadline
         tried: list[str] = []
         order = self.order()
         for host in order:
-            left = give_up_at - time.monotonic()
-            if left <= 0:
+            left = give_up_at - clock()
+            if left < LOOP_CLOCK_TICK:
                 break
             try:
                 conn, facts = await bounded(self._attempt(connect, host, args, kwargs), left)

@@ -27,7 +27,13 @@ import anyio
 
 from ._compat import scope_will_redeliver
 
-__all__ = ["Slots", "absorb_cancellation", "bounded", "finish"]
+__all__ = ["LOOP_CLOCK_TICK", "Slots", "absorb_cancellation", "bounded", "finish"]
+
+#: The step of uvloop's ``loop.time()``, in seconds (asyncio's is finer). Timeouts fire by
+#: the loop's clock, and uvloop's may fire one up to a step before ``time.monotonic()``
+#: reaches its deadline: a deadline that several bounded waits share is kept on the loop's
+#: clock, and less than a step left is none.
+LOOP_CLOCK_TICK = 0.001
 
 log = logging.getLogger("asyncgone")
 
