@@ -47,7 +47,9 @@ async def test_a_blackholed_host_costs_one_connect_bound(
         started = time.monotonic()
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT @@port"))).scalar_one() == shared.port
-        assert 1.0 <= time.monotonic() - started < 1.0 + 3.0  # one connect bound, and slack
+        # One connect bound, less a step of uvloop's clock (its timers may fire a step before
+        # time.monotonic() reaches their deadline), and slack.
+        assert 1.0 - 0.001 <= time.monotonic() - started < 1.0 + 3.0
         assert blackholed.accepted == 1
         async with engine.connect() as first, engine.connect() as second:  # one new one
             for conn in (first, second):
