@@ -25,7 +25,9 @@ new overflow until the server went a while without refusing). The ``pool_size``
 connections are never given back. A pool without overflow, or with an unlimited one
 (``max_overflow=-1``, which nothing could hold), asks nothing and pays nothing.
 
-What it leaves to chance: ``Aborted_connects`` also counts failed logins and TCP health
+What it leaves to chance: a connection given back goes to whichever client connects next
+(a client that keeps opening connections takes each one, down to every pool's
+``pool_size``); ``Aborted_connects`` also counts failed logins and TCP health
 checks that never send a handshake; on a full server each costs every pool with overflow
 one connection for a while. ``max_user_connections`` (1203) leaves the server not full, so
 it gives nothing back. The counters are the server's: an engine whose connections go to

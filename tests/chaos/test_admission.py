@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -39,16 +39,22 @@ def small_server() -> Iterator[MariaDBServer]:
 
 
 class Hogs:
-    """Connections of another client that keep the server full, released one at a time."""
+    """Connections of another client that keep the server full, released one at a time.
 
-    def __init__(self, server: MariaDBServer, spare: int = 0) -> None:
+    ``stop`` (called from the thread that connects) ends the filling early: a test whose
+    engine gives overflow back while the server fills keeps the freed connections for its
+    newcomer, which a client that goes on taking them would otherwise get first."""
+
+    def __init__(
+        self, server: MariaDBServer, spare: int = 0, stop: Callable[[], bool] | None = None
+    ) -> None:
         self._server = server
         self._conns: list[Any] = []
         self._lock = threading.Lock()
         refused = 0
         # Full once refused twice in a row, a moment apart: a refused connection still
         # counts on the server for a moment after the refusal.
-        while refused < 2:
+        while refused < 2 and not (stop is not None and stop()):
             try:
                 self._conns.append(self._connect())
                 refused = 0
@@ -359,6 +365,12 @@ class Busy:
             self.fewest = held if self.fewest is None else min(self.fewest, held)
 
 
+def giving_back(engine: Any) -> Callable[[], bool]:
+    """Whether ``engine`` gave an overflow connection back since this was called."""
+    before = asyncgone.stats(engine).overflow_given_back
+    return lambda: asyncgone.stats(engine).overflow_given_back > before
+
+
 async def server_status(server: MariaDBServer, name: str) -> int:
     rows = await anyio.to_thread.run_sync(lambda: server.query(f"SHOW GLOBAL STATUS LIKE '{name}'"))
     return int(rows[0]["Value"] or 0)
@@ -381,8 +393,10 @@ async def test_a_busy_pool_gives_its_overflow_back_to_a_refused_newcomer(
                 tg.start_soon(busy.task)
             await wait_until(lambda: busy.pool.overflow() == 4, limit=20)
             busy.fewest = None
-            # Another client takes what is left (in a thread: the loop runs on).
-            hogs = await anyio.to_thread.run_sync(Hogs, small_server)
+            # Another client takes what is left (in a thread: the loop runs on). Its own
+            # refusals may make the busy engine give back before it is done: it then stops,
+            # or it would take what was given back for the newcomer.
+            hogs = await anyio.to_thread.run_sync(Hogs, small_server, 0, giving_back(engine))
             try:
                 newcomer = asyncgone.Database(url, keepalive=False)
                 if give_back:
@@ -396,7 +410,9 @@ async def test_a_busy_pool_gives_its_overflow_back_to_a_refused_newcomer(
                     # while full once more, the busy engine gives back at its next question
                     # (every connect_backoff_max seconds, a quarter of that while full),
                     # unless that churn and its own refusals left it no overflow to give.
-                    more = await anyio.to_thread.run_sync(Hogs, small_server)
+                    more = await anyio.to_thread.run_sync(
+                        Hogs, small_server, 0, giving_back(engine)
+                    )
                     try:
                         given_back = lambda: asyncgone.stats(engine).overflow_given_back  # noqa: E731
                         # Overflow connections open, not connects under way (which the
