@@ -271,6 +271,9 @@ def run_fleet(
         "peak_attempts_per_s_after_crash": max(
             (n for second, n in per_second.items() if second >= 0), default=0
         ),
+        "peak_refused_per_s_after_crash": max(
+            (n for second, n in refused_per_second.items() if second >= 0), default=0
+        ),
         "attempts_per_s": [per_second[i] for i in range(min(per_second), max(per_second) + 1)],
         "refused_per_s": [
             refused_per_second[i] for i in range(min(per_second), max(per_second) + 1)

@@ -45,10 +45,13 @@ def test_a_fleet_rides_out_a_crash_without_a_storm(driver: str) -> None:
     assert figures["units_failed"] == 0, figures["failures"]
     assert figures["units_done"] > 0
     assert figures["rows"] == figures["units_done"]
-    # Without the cap the same fleet hammers the restarting server with over a hundred
-    # attempts per second (docs/fleets.md has the figures); with it, each process has at
-    # most max_connecting attempts in flight and backs off.
-    assert figures["peak_attempts_per_s_after_crash"] <= 2 * figures["processes"] * 6, figures
+    # Without the cap the same fleet hammers the restarting server: 71 to 97 refused
+    # attempts in its worst second (docs/fleets.md has the figures); with it, each process
+    # probes the refusing server one attempt at a time, backing off from 0.05-0.1 s, so at
+    # most about 5 refusals a second each. (All attempts, refused or not, would not tell:
+    # they include the pools' own churn of overflow connections, 35 to 68 a second in
+    # steady state, and the 36 connects the fleet needs again after the crash.)
+    assert figures["peak_refused_per_s_after_crash"] <= figures["processes"] * 6, figures
     assert figures["server_refused_after_crash"] <= 2 * figures["max_connections"], figures
 
 
