@@ -194,7 +194,10 @@ async def test_prometheus_timings_and_pool_figures(url: str) -> None:
     # Six checkouts; the request that timed out obtained nothing and is not among them.
     assert sample("asyncgone_connection_wait_seconds_count") == 6
     assert sample("asyncgone_connection_wait_seconds_bucket", le="+Inf") == 6
-    assert sample("asyncgone_connection_wait_seconds_bucket", le="0.1") == 5  # one waited 0.2 s
+    # One waited 0.2 s; any other may take longer than 0.1 s on a loaded machine (the
+    # first one opens the connection).
+    assert (sample("asyncgone_connection_wait_seconds_bucket", le="0.1") or 0) <= 5
+    assert (sample("asyncgone_connection_wait_seconds_sum") or 0) >= 0.19
     assert sample("asyncgone_connection_create_seconds_count") == 1
     assert 0 < (sample("asyncgone_connection_create_seconds_sum") or 0) < 5
     assert (sample("asyncgone_pool_max"), sample("asyncgone_pool_idle_max")) == (1, 1)

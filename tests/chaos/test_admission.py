@@ -4,6 +4,7 @@ deadline, instead of failing; an engine caps its connection attempts in flight."
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -326,9 +327,12 @@ async def test_run_takes_a_pooled_connection_rather_than_asking_a_full_server_ag
     )
     async with db:  # start() opens the pool's one connection; it stays in the pool
         with full(small_server):
+            in_use = anyio.Event()
 
             async def hold() -> None:
                 async with db.session() as session:
+                    await session.connection()
+                    in_use.set()
                     await session.execute(text("SELECT SLEEP(1)"))
 
             async def unit(session: Any) -> int:
@@ -336,7 +340,7 @@ async def test_run_takes_a_pooled_connection_rather_than_asking_a_full_server_ag
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hold)
-                await anyio.sleep(0.2)  # the pooled connection is in use now
+                await in_use.wait()  # the pooled connection is in use now
                 with anyio.fail_after(20):
                     assert await db.run(unit) == 7
             stats = db.stats()
@@ -499,16 +503,29 @@ async def test_a_pool_asks_four_times_as_often_while_the_server_is_full(
                 await held.execute(text("SELECT 1"))
                 async with engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))  # opened: nothing asked yet
+                give_back = state_of(engine).give_back  # type: ignore[union-attr]
+                assert give_back is not None
+                assert give_back._seen is None  # nothing asked yet
                 before = await server_status(small_server, "Com_show_status")
-                started = time.monotonic()
-                while time.monotonic() - started < 1.2:
-                    async with engine.connect() as conn:
-                        await conn.execute(text("SELECT 1"))
-                    await anyio.sleep(0.02)
-                elapsed = time.monotonic() - started
+                asked_at: list[float] = []  # when each question was asked (monotonic)
+                with anyio.fail_after(30):
+                    while len(asked_at) < 8:
+                        async with engine.connect() as conn:
+                            await conn.execute(text("SELECT 1"))
+                        seen = give_back._seen
+                        if seen is not None and (not asked_at or seen[2] != asked_at[-1]):
+                            asked_at.append(seen[2])
+                        await anyio.sleep(0.02)
                 asked = await server_status(small_server, "Com_show_status") - before - 1
-        # Every 0.1 s (not 0.4 s), less the moments a busy loop makes late.
-        assert elapsed / 0.4 + 2 < asked <= elapsed / 0.1 + 2
+        # Timed by the engine's own record of its questions, not by the wall clock of the
+        # loop: a loaded machine stretches the gaps, never shortens them.
+        assert asked == len(asked_at)  # one SHOW STATUS per question, as the server counts
+        gaps = [b - a for a, b in itertools.pairwise(asked_at)]
+        assert min(gaps) >= 0.1 - 0.002, gaps  # never more often than a quarter interval
+        # After the baseline's quarter interval, the server is full: a quarter again, never
+        # the whole 0.4 s interval (the median, as one stall may stretch one gap).
+        later = sorted(gaps[1:])
+        assert later[len(later) // 2] < 0.3, gaps
         assert asyncgone.stats(engine).overflow_given_back == 0  # nobody was refused
     finally:
         await engine.dispose()

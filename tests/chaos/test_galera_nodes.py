@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import asyncgone
 from asyncgone._state import state_of
 from asyncgone.testing import GaleraCluster, MariaDBServer
+from tests._support import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.topology]
 
@@ -61,20 +62,28 @@ async def test_a_desynced_node_gets_no_new_sessions_until_it_is_synced_again(
     asyncgone_galera: GaleraCluster, driver: str
 ) -> None:
     """With galera_spread, sessions go to all three nodes; a node desynced (wsrep_desync,
-    wsrep_reject_queries=ALL) gets none from one keepalive interval on, and gets them back
-    within one interval of being Synced again."""
+    wsrep_reject_queries=ALL) gets none once the keepalive's next round notes it, and gets
+    them back once a round finds it Synced again."""
     cluster = asyncgone_galera
     third = cluster.nodes[2]
     url = cluster.url(driver)
     async with asyncgone.Database(
         url, pool_size=WORKERS, galera_spread=True, keepalive_interval=INTERVAL
     ) as db:
+        search = state_of(db.engine).search  # type: ignore[union-attr]
+        assert search is not None
+
+        def noted() -> bool:
+            return third.port in {h.port for h in search.unsynced}
+
         assert set(await ports(db)) == {n.port for n in cluster.nodes}
         await anyio.to_thread.run_sync(cluster.desync, third)
-        await anyio.sleep(INTERVAL)
+        # The watch's next round (half an interval, plus the round's own checks) notes it:
+        # waited for, not slept, as a loaded machine may stretch the round.
+        await eventually(noted, limit=2 * INTERVAL + 2)
         assert third.port not in await ports(db)
         await anyio.to_thread.run_sync(cluster.resync, third)
-        await anyio.sleep(INTERVAL)
+        await eventually(lambda: not noted(), limit=2 * INTERVAL + 2)
         back = await ports(db)
         stats = db.stats()
     assert third.port in back

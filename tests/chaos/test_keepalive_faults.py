@@ -29,7 +29,9 @@ from tests._support import (
 pytestmark = pytest.mark.anyio
 
 POOL = 3
-WAIT_TIMEOUT = 1  # seconds: the server closes connections idle longer than this
+WAIT_TIMEOUT = 2  # seconds: the server closes connections idle longer than this
+# (2, not 1: the keepalive then pings a connection 0.4 s before its idle limit, not 0.1 s,
+# a margin a loaded machine's stalls cannot eat)
 
 
 def short_timeout_engine(url: str, **options: object) -> AsyncEngine:
@@ -114,8 +116,9 @@ async def test_fully_idle_pool_gets_one_ping_per_connection_per_interval(
         counts = delta(before, disposable.status())
         stats = asyncgone.stats(engine)
         # A ping resets a connection's idle time; the next round comes half an interval
-        # later, so a connection pinged in one round cannot be pinged in the next.
-        budget = POOL * math.ceil(stats.keepalive_runs / 2)
+        # later, so a connection pinged in one round cannot be pinged in the next. One
+        # round more: a slow start or a stalled round can shift the pattern by one round.
+        budget = POOL * (math.ceil(stats.keepalive_runs / 2) + 1)
         assert stats.keepalive_visits >= POOL * (rounds - 1)  # all of them, round after round
         assert POOL <= counts["Com_admin_commands"] <= stats.keepalive_pings <= budget, stats
         assert stats.keepalive_pings == stats.pings

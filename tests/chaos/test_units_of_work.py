@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 import asyncgone
 from asyncgone import CommitOutcomeUnknown, Database, DatabaseUnavailable
 from asyncgone.testing import FaultProxy, MariaDBServer
-from tests._support import Server
+from tests._support import Server, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -345,9 +345,17 @@ async def test_without_kill_on_cancel_an_abandoned_statement_runs_on(
         with shared.admin() as blocker:
             blocker.execute("BEGIN")
             blocker.execute(f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE")
-            with anyio.move_on_after(0.3):
+
+            async def blocked() -> None:
                 async with asyncgone.managed_session(engine) as session:
                     await session.execute(text(statement))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(blocked)
+                # Cancelled once the statement waits on the server, however long the connect
+                # took (a deadline could cancel it before it was even sent).
+                await wait_until(lambda: still_running() == 1)
+                tg.cancel_scope.cancel()
             await anyio.sleep(1)
             assert await anyio.to_thread.run_sync(still_running) == 1
             assert asyncgone.stats(engine).kills == 0
