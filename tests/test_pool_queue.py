@@ -24,6 +24,7 @@ from sqlalchemy.util.queue import AsyncAdaptedQueue
 
 import asyncgone
 from asyncgone._compat import _takes_directly, take_idle
+from tests._support import Server, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -194,34 +195,26 @@ async def test_a_woken_waiter_cancelled_passes_the_connection_to_the_next(url: s
 
 
 @pytest.mark.parametrize("pool_size", [0, 2])
-async def test_dispose_closes_connections_put_back_directly(url: str, pool_size: int) -> None:
+async def test_dispose_closes_connections_put_back_directly(
+    url: str, shared: Server, pool_size: int
+) -> None:
     """Connections returned to the pool (also an unbounded one, ``pool_size=0``) are the
     ones ``dispose()`` closes: the server no longer lists them."""
 
-    async def scenario(engine: AsyncEngine) -> list[Any]:
+    async def scenario(engine: AsyncEngine) -> int:
         held = [await engine.connect() for _ in range(3)]
-        ids = [(await conn.execute(text("SELECT CONNECTION_ID()"))).scalar_one() for conn in held]
+        ids = {(await conn.execute(text("SELECT CONNECTION_ID()"))).scalar_one() for conn in held}
         for conn in held:
             await conn.close()
-        idle = engine.sync_engine.pool.checkedin()  # type: ignore[attr-defined]
+        idle: int = engine.sync_engine.pool.checkedin()  # type: ignore[attr-defined]
         await engine.dispose()
         # The server ends a thread a moment after its COM_QUIT, later on a loaded machine:
-        # polled, where a connection dispose() left open would stay listed for hours.
-        still: list[Any] = []
-        with anyio.move_on_after(10):
-            while True:
-                async with engine.connect() as conn:
-                    listed = (
-                        await conn.execute(text("SELECT ID FROM information_schema.PROCESSLIST"))
-                    ).scalars()
-                    still = sorted(set(ids) & set(listed))
-                if not still:
-                    break
-                await anyio.sleep(0.05)
-        return [idle, still]
+        # waited for, where a connection dispose() left open would stay listed for hours.
+        await wait_until(lambda: not ids & shared.threads())
+        return idle
 
     plain, ours = await both(url, scenario, pool_size=pool_size, max_overflow=5)
-    assert plain == ours == [3 if pool_size == 0 else 2, []]
+    assert plain == ours == (3 if pool_size == 0 else 2)
 
 
 async def test_a_checkout_on_a_full_pool_times_out_as_configured(url: str) -> None:
