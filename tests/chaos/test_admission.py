@@ -4,6 +4,7 @@ deadline, instead of failing; an engine caps its connection attempts in flight."
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -400,7 +401,9 @@ async def test_a_busy_pool_gives_its_overflow_back_to_a_refused_newcomer(
             # Another client takes what is left (in a thread: the loop runs on). Its own
             # refusals may make the busy engine give back before it is done: it then stops,
             # or it would take what was given back for the newcomer.
-            hogs = await anyio.to_thread.run_sync(Hogs, small_server, 0, giving_back(engine))
+            hogs = await anyio.to_thread.run_sync(
+                functools.partial(Hogs, small_server, stop=giving_back(engine))
+            )
             try:
                 newcomer = asyncgone.Database(url, keepalive=False)
                 if give_back:
@@ -415,7 +418,7 @@ async def test_a_busy_pool_gives_its_overflow_back_to_a_refused_newcomer(
                     # (every connect_backoff_max seconds, a quarter of that while full),
                     # unless that churn and its own refusals left it no overflow to give.
                     more = await anyio.to_thread.run_sync(
-                        Hogs, small_server, 0, giving_back(engine)
+                        functools.partial(Hogs, small_server, stop=giving_back(engine))
                     )
                     try:
                         given_back = lambda: asyncgone.stats(engine).overflow_given_back  # noqa: E731
